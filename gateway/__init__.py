@@ -1,0 +1,1 @@
+"""The WebSocket gateway: the only public-facing roombus service."""

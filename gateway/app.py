@@ -1,0 +1,176 @@
+"""The gateway application: ``create_app(settings)`` builds it, uvicorn serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
+
+from proto import subjects
+from proto.bus import ChatMessage
+from proto.errors import CloseCode, ErrorCode
+from proto.frames import encode_frame, error_frame
+from proto.names import sanitize_user
+from services.bus import Bus, connect
+from services.http import health_handlers
+
+from . import metrics
+from .conn import Conn
+from .handlers import Session
+from .hub import Hub
+from .settings import GatewaySettings
+
+log = logging.getLogger("roombus.gateway")
+
+
+class Gateway:
+    """Everything one gateway process shares between its connections."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.hub = Hub(settings.dedupe_window)
+        self._bus: Bus | None = None
+        self.accepting = True
+        origins = [o.strip().lower() for o in settings.allowed_origins.split(",") if o.strip()]
+        self.any_origin = "*" in origins
+        self.origin_hosts = frozenset(o.strip("[]") for o in origins)
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError("gateway is not connected to NATS yet")
+        return self._bus
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        connected = self._bus is not None and self._bus.connected
+        return connected and self.accepting, {"nats": connected, "accepting": self.accepting}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
+        self._bus = await connect(self.settings, "gateway")
+        nc = self._bus.nc
+        # One wildcard per channel kind, never one subscription per client. The pending
+        # limits bound what a stalled event loop can queue up inside the client.
+        await nc.subscribe(
+            subjects.ROOM_MESSAGE_WILDCARD,
+            cb=self.hub.on_room_message,
+            pending_msgs_limit=100_000,
+            pending_bytes_limit=64 * 1024 * 1024,
+        )
+        await nc.flush()
+        log.info("gateway ready", extra={"port": self.settings.port})
+        try:
+            yield
+        finally:
+            self.accepting = False
+            await self._bus.drain(self.settings.shutdown_timeout / 2)
+            log.info("gateway stopped")
+
+    async def publish_chat(self, msg: ChatMessage) -> None:
+        """Publish a client's message on the bus (every gateway, this one included, fans it out)."""
+        payload = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
+        await self.bus.nc.publish(
+            subjects.room_message(msg.room), payload, headers={"Nats-Msg-Id": msg.id}
+        )
+        metrics.PUBLISHED.labels("chat").inc()
+
+    # -- admission --------------------------------------------------------------------
+    def origin_allowed(self, origin: str | None) -> bool:
+        if origin is None or self.any_origin:
+            return True
+        try:
+            host = (urlsplit(origin).hostname or "").lower()
+        except ValueError:
+            return False
+        return host in self.origin_hosts
+
+    async def serve_ws(self, socket: WebSocket[Any, Any, Any]) -> None:
+        if not self.accepting:
+            metrics.REFUSED.labels("shutting_down").inc()
+            await socket.close(code=CloseCode.TRY_AGAIN_LATER)
+            return
+        if not self.origin_allowed(socket.headers.get("origin")):
+            metrics.REFUSED.labels("origin").inc()
+            await socket.close(code=CloseCode.POLICY)  # before accept: HTTP 403
+            return
+        raw_user = socket.query_params.get("user") or ""
+        user = sanitize_user(raw_user) or f"guest-{id(socket) % 100000:05d}"
+        await socket.accept()
+        conn = Conn(
+            socket.send,
+            user=user,
+            verified=False,
+            maxlen=self.settings.send_queue,
+            slow_timeout=self.settings.slow_client_timeout,
+        )
+        conn.start()
+        self.hub.add(conn)
+        metrics.CONNECTIONS_TOTAL.inc()
+        session = Session(self, conn)
+        session.send(encode_frame("hello", {"user": user, "verified": False}))
+        reader = asyncio.create_task(self._read_loop(socket, session), name=f"reader-{user}")
+        closer = asyncio.create_task(conn.closed.wait())
+        try:
+            await asyncio.wait({reader, closer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            closer.cancel()
+            self.hub.remove(conn)
+            if conn.close_code != CloseCode.GOING_AWAY:
+                await conn.flush(0.5)
+            await conn.stop()
+            if socket.connection_state != "disconnect":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(socket.close(code=conn.close_code), 1.0)
+
+    async def _read_loop(self, socket: WebSocket[Any, Any, Any], session: Session) -> None:
+        conn = session.conn
+        try:
+            while True:
+                event = await socket.receive()
+                if event["type"] == "websocket.disconnect":
+                    break
+                text = event.get("text")
+                if text is None:
+                    metrics.CLIENT_ERRORS.labels(ErrorCode.BAD_FRAME.value).inc()
+                    conn.offer(
+                        error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted").decode()
+                    )
+                    continue
+                await session.handle_text(text)
+        finally:
+            conn.shut(CloseCode.GOING_AWAY if not conn.closed.is_set() else conn.close_code)
+
+
+def _index_html() -> bytes:
+    return resources.files("gateway").joinpath("static/index.html").read_bytes()
+
+
+def create_app(settings: GatewaySettings) -> Litestar:
+    """Build the gateway ASGI app; nothing connects until uvicorn runs its lifespan."""
+    gw = Gateway(settings)
+    page = _index_html()
+
+    @websocket("/ws")
+    async def ws(socket: WebSocket[Any, Any, Any]) -> None:
+        await gw.serve_ws(socket)
+
+    @get("/", media_type=MediaType.HTML, sync_to_thread=False, include_in_schema=False)
+    def index() -> Response[bytes]:
+        return Response(page, media_type=MediaType.HTML)
+
+    app = Litestar(
+        route_handlers=[ws, index, *health_handlers(gw.ready)],
+        lifespan=[gw.lifespan],
+        openapi_config=None,
+        logging_config=None,
+    )
+    app.state.gateway = gw
+    return app

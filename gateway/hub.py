@@ -1,0 +1,129 @@
+"""The local room -> connections map and the fan-out from the bus to local clients."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+from nats.aio.msg import Msg
+
+from proto import subjects
+from proto.bus import ChatMessage, parse_bus_chat
+from proto.frames import encode_frame
+from services.logs import RateLimitedLog
+
+from . import metrics
+from .conn import Conn
+
+log = logging.getLogger("roombus.gateway.hub")
+
+
+class RecentIds:
+    """A bounded set of recently seen message ids (oldest forgotten first)."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def seen(self, msg_id: str) -> bool:
+        """True if ``msg_id`` was seen before; records it otherwise."""
+        if msg_id in self._ids:
+            return True
+        self._ids[msg_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return False
+
+
+class Hub:
+    """Which local connections are in which room, and delivery to them.
+
+    The gateway holds one wildcard subscription per channel kind; every bus
+    message is parsed and encoded once, then offered to each local member.
+    """
+
+    def __init__(self, dedupe_window: int) -> None:
+        self.rooms: dict[str, set[Conn]] = {}
+        self.conns: set[Conn] = set()
+        self._recent = RecentIds(dedupe_window)
+        self._badlog = RateLimitedLog(log)
+
+    # -- membership -------------------------------------------------------------------
+    def add(self, conn: Conn) -> None:
+        self.conns.add(conn)
+        metrics.CONNECTIONS.set(len(self.conns))
+
+    def remove(self, conn: Conn) -> list[str]:
+        """Forget ``conn`` everywhere; returns the rooms it was in."""
+        rooms = list(conn.rooms)
+        for room in rooms:
+            self.leave(conn, room)
+        self.conns.discard(conn)
+        metrics.CONNECTIONS.set(len(self.conns))
+        return rooms
+
+    def join(self, conn: Conn, room: str) -> bool:
+        """Add ``conn`` to ``room``; False when it already was a member."""
+        if room in conn.rooms:
+            return False
+        conn.rooms.add(room)
+        self.rooms.setdefault(room, set()).add(conn)
+        metrics.ROOMS.set(len(self.rooms))
+        return True
+
+    def leave(self, conn: Conn, room: str) -> bool:
+        if room not in conn.rooms:
+            return False
+        conn.rooms.discard(room)
+        members = self.rooms.get(room)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.rooms[room]
+        metrics.ROOMS.set(len(self.rooms))
+        return True
+
+    def local_users(self, room: str) -> set[str]:
+        return {c.user for c in self.rooms.get(room, ())}
+
+    # -- fan-out ----------------------------------------------------------------------
+    def deliver(self, room: str, frame: str) -> int:
+        """Offer one encoded frame to every local member of ``room``; returns how many took it."""
+        members = self.rooms.get(room)
+        if not members:
+            return 0
+        n = 0
+        for conn in tuple(members):
+            n += conn.offer(frame)
+        metrics.DELIVERED.inc(n)
+        return n
+
+    def deliver_message(self, msg: ChatMessage) -> int:
+        """Fan out a chat message once per id (a retried publish is suppressed)."""
+        if self._recent.seen(msg.id):
+            metrics.DUPLICATES.inc()
+            return 0
+        return self.deliver(msg.room, encode_frame("chat.message", msg).decode())
+
+    async def on_room_message(self, msg: Msg) -> None:
+        """Callback of the ``room.*.message`` wildcard subscription."""
+        metrics.BUS_IN.labels("room_message").inc()
+        room = subjects.parse_room_message(msg.subject)
+        if room is None:
+            metrics.BUS_MALFORMED.labels("room_message").inc()
+            self._badlog.warning("bad_subject", "dropped bus message", subject=msg.subject[:200])
+            return
+        if room not in self.rooms:
+            return  # nobody here is interested: no parse, no encode
+        start = time.perf_counter()
+        try:
+            chat = parse_bus_chat(msg.data, room)
+        except ValueError as exc:
+            metrics.BUS_MALFORMED.labels("room_message").inc()
+            self._badlog.warning(
+                "bad_payload", "dropped malformed bus message", subject=msg.subject, error=str(exc)
+            )
+            return
+        self.deliver_message(chat)
+        metrics.FANOUT_SECONDS.observe(time.perf_counter() - start)

@@ -1,0 +1,19 @@
+"""``roombus gateway``: serve the gateway with uvicorn."""
+
+from __future__ import annotations
+
+from services.http import serve
+from services.logs import setup_logging
+
+from .app import create_app
+from .settings import GatewaySettings
+
+
+def run(settings: GatewaySettings) -> None:
+    setup_logging("gateway", settings.log_level)
+    serve(
+        create_app(settings),
+        settings,
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=False,
+    )

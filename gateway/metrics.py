@@ -1,0 +1,30 @@
+"""Prometheus metrics of the gateway."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("roombus_gateway_open_connections", "Open WebSocket connections")
+CONNECTIONS_TOTAL = Counter(
+    "roombus_gateway_accepted_connections_total", "Accepted WebSocket connections"
+)
+REFUSED = Counter("roombus_gateway_refused_total", "Refused connection attempts", ["reason"])
+ROOMS = Gauge("roombus_gateway_rooms", "Rooms with at least one local member")
+FRAMES_IN = Counter("roombus_gateway_frames_in_total", "Client frames received", ["type"])
+CLIENT_ERRORS = Counter("roombus_gateway_client_errors_total", "Error frames sent", ["code"])
+PUBLISHED = Counter("roombus_gateway_published_total", "Messages published to the bus", ["kind"])
+BUS_IN = Counter("roombus_gateway_bus_messages_total", "Bus messages received", ["kind"])
+BUS_MALFORMED = Counter(
+    "roombus_gateway_bus_malformed_total", "Bus payloads dropped as malformed", ["kind"]
+)
+DUPLICATES = Counter("roombus_gateway_duplicates_total", "Bus messages suppressed as duplicates")
+DELIVERED = Counter("roombus_gateway_delivered_total", "Frames queued to clients by fan-out")
+DROPPED = Counter("roombus_gateway_dropped_total", "Frames dropped for one client", ["reason"])
+SLOW_DISCONNECTS = Counter(
+    "roombus_gateway_slow_disconnects_total", "Clients disconnected for not reading"
+)
+FANOUT_SECONDS = Histogram(
+    "roombus_gateway_fanout_seconds",
+    "Time to fan one bus message out to local clients",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+)

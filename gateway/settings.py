@@ -1,0 +1,31 @@
+"""Gateway settings (environment first, ``roombus gateway --flag`` overrides)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    """Settings of ``roombus gateway``."""
+
+    port: int = Field(default=8080, ge=0, le=65535)
+    """HTTP/WebSocket port of the gateway."""
+    allowed_origins: str = "localhost,127.0.0.1,[::1]"
+    """Comma-separated hosts (any port) whose pages may open a WebSocket; ``*`` allows all.
+    Requests without an ``Origin`` header (backends, CLIs) are not refused for that."""
+    max_rooms: int = Field(default=32, ge=1, le=10_000)
+    """Rooms one connection may be in at once."""
+    max_frame_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """Largest client frame; a bigger one closes the connection with 1009."""
+    text_max: int = Field(default=4000, ge=1, le=4000)
+    """Longest chat text, in characters (``text_too_long`` beyond)."""
+    send_queue: int = Field(default=1024, ge=8, le=1_000_000)
+    """Frames buffered per client; when full, new frames are dropped for that client only."""
+    slow_client_timeout: float = Field(default=5.0, gt=0, le=600)
+    """Seconds a client's buffer may stay full before it is disconnected (close 4008)."""
+    request_timeout: float = Field(default=2.0, gt=0, le=60)
+    """Seconds to wait for the history/presence services to answer a query."""
+    dedupe_window: int = Field(default=65_536, ge=1024, le=10_000_000)
+    """Recent message ids remembered to suppress a retried message's second fan-out."""

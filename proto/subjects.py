@@ -1,0 +1,107 @@
+"""Every NATS subject, queue group, stream and bucket name, built in one place."""
+
+from __future__ import annotations
+
+from .names import check_event_type, check_name
+
+ROOM_MESSAGE_WILDCARD = "room.*.message"
+ROOM_PRESENCE_WILDCARD = "room.*.presence"
+USER_MESSAGE_WILDCARD = "user.*.message"
+EVENT_WILDCARD = "event.>"
+HISTORY_WILDCARD = "history.>"
+SVC_HISTORY_WILDCARD = "svc.history.*"
+SVC_PRESENCE_WILDCARD = "svc.presence.*"
+PRESENCE_REPORT_WILDCARD = "svc.presence-report.*"
+
+HISTORY_QUEUE = "history"
+PRESENCE_QUEUE = "presence"
+BRIDGE_QUEUE = "bridge"
+
+HISTORY_STREAM = "HISTORY"
+PRESENCE_BUCKET = "presence"
+CLIENT_IDS_BUCKET = "client_ids"
+
+
+def room_message(room: str) -> str:
+    """``room.<room>.message``: chat messages of one room."""
+    return f"room.{check_name(room, 'room')}.message"
+
+
+def room_presence(room: str) -> str:
+    """``room.<room>.presence``: join/leave/typing events of one room."""
+    return f"room.{check_name(room, 'room')}.presence"
+
+
+def user_message(user: str) -> str:
+    """``user.<id>.message``: everything addressed to every connection of one user."""
+    return f"user.{check_name(user, 'user')}.message"
+
+
+def event(event_type: str) -> str:
+    """``event.<type>``: a broadcast event for subscribers of that type."""
+    return f"event.{check_event_type(event_type)}"
+
+
+def history(room: str) -> str:
+    """``history.<room>``: the JetStream subject a room's messages are stored on."""
+    return f"history.{check_name(room, 'room')}"
+
+
+def svc_history(room: str) -> str:
+    """``svc.history.<room>``: history queries."""
+    return f"svc.history.{check_name(room, 'room')}"
+
+
+def svc_presence(room: str) -> str:
+    """``svc.presence.<room>``: presence queries."""
+    return f"svc.presence.{check_name(room, 'room')}"
+
+
+def _token(subject: str, prefix: str, suffix: str) -> str | None:
+    if not subject.startswith(prefix) or not subject.endswith(suffix):
+        return None
+    middle = subject[len(prefix) : len(subject) - len(suffix) if suffix else None]
+    try:
+        return check_name(middle)
+    except ValueError:
+        return None
+
+
+def parse_room_message(subject: str) -> str | None:
+    """The room of a ``room.<room>.message`` subject, or None when it is not one."""
+    return _token(subject, "room.", ".message")
+
+
+def parse_room_presence(subject: str) -> str | None:
+    """The room of a ``room.<room>.presence`` subject, or None."""
+    return _token(subject, "room.", ".presence")
+
+
+def parse_user_message(subject: str) -> str | None:
+    """The user of a ``user.<id>.message`` subject, or None."""
+    return _token(subject, "user.", ".message")
+
+
+def parse_history(subject: str) -> str | None:
+    """The room of a ``history.<room>`` subject, or None."""
+    return _token(subject, "history.", "")
+
+
+def parse_svc_history(subject: str) -> str | None:
+    """The room of a ``svc.history.<room>`` subject, or None."""
+    return _token(subject, "svc.history.", "")
+
+
+def parse_svc_presence(subject: str) -> str | None:
+    """The room of a ``svc.presence.<room>`` subject, or None."""
+    return _token(subject, "svc.presence.", "")
+
+
+def parse_event(subject: str) -> str | None:
+    """The type of an ``event.<type>`` subject, or None."""
+    if not subject.startswith("event."):
+        return None
+    try:
+        return check_event_type(subject[len("event.") :])
+    except ValueError:
+        return None

@@ -1,0 +1,1 @@
+"""The shared service kit: settings, NATS, health/metrics HTTP, logging, lifecycle, CLI."""

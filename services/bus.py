@@ -1,0 +1,113 @@
+"""One NATS connection per process: reconnect forever, bounded reconnect buffer, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge
+
+from .settings import NatsSettings
+
+log = logging.getLogger("roombus.bus")
+
+NATS_CONNECTED = Gauge("roombus_nats_connected", "1 while the NATS connection is up")
+NATS_RECONNECTS = Counter("roombus_nats_reconnects_total", "NATS reconnections")
+NATS_ERRORS = Counter("roombus_nats_errors_total", "Errors reported by the NATS client", ["kind"])
+
+
+@dataclass
+class Bus:
+    """The process's NATS connection and JetStream context."""
+
+    nc: NATS
+    js: JetStreamContext
+    settings: NatsSettings
+    _closing: bool = field(default=False, repr=False)
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up (``/readyz`` reports this)."""
+        return bool(self.nc.is_connected)
+
+    async def drain(self, within: float) -> None:
+        """Stop subscriptions, flush pending publishes, close; at most ``within`` seconds."""
+        self._closing = True
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), within)
+        except Exception as exc:  # a drain that fails still must not block shutdown
+            log.warning("nats drain did not finish cleanly", extra={"error": repr(exc)})
+            if not self.nc.is_closed:
+                await self.nc.close()
+        NATS_CONNECTED.set(0)
+
+
+async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None = None) -> Bus:
+    """Connect to NATS, retrying the first connection until it works (or ``stop`` is set).
+
+    After that the client reconnects forever on its own; publishes made while it is
+    disconnected are buffered up to ``nats_reconnect_buffer`` bytes.
+    """
+
+    async def error_cb(exc: Exception) -> None:
+        kind = type(exc).__name__
+        NATS_ERRORS.labels(kind).inc()
+        log.warning("nats error", extra={"error": repr(exc)[:300], "kind": kind})
+
+    async def disconnected_cb() -> None:
+        NATS_CONNECTED.set(0)
+        log.warning("nats disconnected")
+
+    async def reconnected_cb() -> None:
+        NATS_CONNECTED.set(1)
+        NATS_RECONNECTS.inc()
+        log.info(
+            "nats reconnected", extra={"url": str(nc.connected_url and nc.connected_url.netloc)}
+        )
+
+    async def closed_cb() -> None:
+        NATS_CONNECTED.set(0)
+
+    attempt = 0
+    while True:
+        nc = NATS()
+        try:
+            await nc.connect(
+                servers=settings.nats_servers,
+                name=f"{name}-{os.getpid()}",
+                error_cb=error_cb,
+                disconnected_cb=disconnected_cb,
+                reconnected_cb=reconnected_cb,
+                closed_cb=closed_cb,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=settings.nats_reconnect_wait,  # type: ignore[arg-type]
+                connect_timeout=settings.nats_connect_timeout,  # type: ignore[arg-type]
+                pending_size=settings.nats_reconnect_buffer,
+                ping_interval=10,
+                max_outstanding_pings=3,
+            )
+            break
+        except Exception as exc:
+            attempt += 1
+            if attempt == 1 or attempt % 20 == 0:
+                log.warning(
+                    "nats not reachable yet, retrying",
+                    extra={"servers": settings.nats_servers, "error": repr(exc)[:200]},
+                )
+            if stop is not None and stop.is_set():
+                raise
+            await asyncio.sleep(min(settings.nats_reconnect_wait * attempt, 2.0))
+    NATS_CONNECTED.set(1)
+    log.info("nats connected", extra={"url": str(nc.connected_url and nc.connected_url.netloc)})
+    return Bus(nc=nc, js=nc.jetstream(), settings=settings)
+
+
+__all__ = ["Bus", "connect", "nats"]

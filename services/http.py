@@ -1,0 +1,61 @@
+"""Health, readiness and Prometheus metrics over HTTP, and the uvicorn runner every service uses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from litestar import Litestar, MediaType, Response, get
+from litestar.handlers import HTTPRouteHandler
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
+
+from .settings import ServiceSettings
+
+log = logging.getLogger("roombus.http")
+
+# The *_created series double the exposition for no use on a dashboard.
+disable_created_metrics()
+
+
+def health_handlers(ready: Callable[[], tuple[bool, dict[str, Any]]]) -> list[HTTPRouteHandler]:
+    """``/healthz`` (the process is alive), ``/readyz`` (``ready()`` says so), ``/metrics``."""
+
+    @get("/healthz", media_type=MediaType.JSON, sync_to_thread=False, include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", media_type=MediaType.JSON, sync_to_thread=False, include_in_schema=False)
+    def readyz() -> Response[dict[str, Any]]:
+        ok, detail = ready()
+        return Response({"ready": ok, **detail}, status_code=200 if ok else 503)
+
+    @get("/metrics", sync_to_thread=False, include_in_schema=False)
+    def metrics() -> Response[bytes]:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return [healthz, readyz, metrics]
+
+
+def serve(app: Litestar, settings: ServiceSettings, **uvicorn_options: Any) -> None:
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT, then shut down gracefully.
+
+    uvicorn stops accepting connections, closes WebSockets with 1012, waits for
+    handlers up to ``shutdown_timeout``, then runs the app's lifespan shutdown
+    (which drains NATS). The process exits 0.
+    """
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout)),
+        **uvicorn_options,
+    )
+    server = uvicorn.Server(config)
+    server.run()
