@@ -138,7 +138,7 @@ class Gateway:
                 if event["type"] == "websocket.disconnect":
                     break
                 text = event.get("text")
-                if text is None:
+                if not isinstance(text, str):
                     metrics.CLIENT_ERRORS.labels(ErrorCode.BAD_FRAME.value).inc()
                     conn.offer(
                         error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted").decode()

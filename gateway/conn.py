@@ -15,7 +15,7 @@ from . import metrics
 
 log = logging.getLogger("roombus.gateway.conn")
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[Any], Awaitable[None]]
 
 
 class Conn:

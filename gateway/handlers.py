@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import orjson
@@ -124,7 +125,9 @@ class Session:
         reply = await self.request(subjects.svc_history(room), query, "history")
         self.send(encode_frame("history", reply))
 
-    async def request(self, subject: str, query: dict[str, object], what: str) -> dict[str, object]:
+    async def request(
+        self, subject: str, query: Mapping[str, object], what: str
+    ) -> dict[str, object]:
         """Ask a backing service; its ``error`` replies become ``error`` frames."""
         try:
             msg = await self.gw.bus.nc.request(
@@ -143,7 +146,7 @@ class Session:
         err = reply.get("error")
         if isinstance(err, dict):
             try:
-                code = ErrorCode(err.get("code"))
+                code = ErrorCode(str(err.get("code")))
             except ValueError:
                 code = ErrorCode.UNAVAILABLE
             raise FrameError(code, str(err.get("message", ""))[:300])

@@ -1,0 +1,1 @@
+"""Test helpers: real nats-server / redis-server processes, service subprocesses, clients."""

@@ -1,0 +1,227 @@
+"""Real processes for tests: nats-server, redis-server and roombus services on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from services.natsserver import NatsServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+__all__ = ["NatsServer", "RedisServer", "ServiceProc", "free_port", "wait_for"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # the thing may not be up yet
+            last_exc = exc
+        time.sleep(0.05)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
+    )
+
+
+def ensure_redis_server() -> str:
+    """Path of redis-server, installing Debian's package when missing and allowed (root)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "redis-server", "redis-tools"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise RuntimeError(
+        "redis-server is needed by the bridge tests: install it with "
+        "`sudo apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis` (macOS)"
+    )
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process on a free loopback port with its own dir."""
+
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        binary = ensure_redis_server()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._ping, 15, "redis-server to answer PING")
+        return self
+
+    def _ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class ServiceProc:
+    """``roombus <service>`` as a real subprocess with its own port and log file."""
+
+    service: str
+    env: dict[str, str]
+    logdir: Path
+    args: list[str] = field(default_factory=list)
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> ServiceProc:
+        if not self.port:
+            self.port = free_port()
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.logdir / f"{self.service}-{self.port}.log"
+        logf = self.log_path.open("ab")
+        env = {**os.environ, **self.env, "PORT": str(self.port)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", self.service, *self.args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+        logf.close()
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.http}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def check() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.service} exited early:\n{self.log()}")
+            return self.ready()
+
+        try:
+            wait_for(check, timeout, f"{self.service} on :{self.port} to be ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- log ---\n{self.log()}") from None
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Sum of a Prometheus sample (``name{labels}``) scraped from ``/metrics``."""
+        text = httpx.get(f"{self.http}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            base, _, lab = key.partition("{")
+            if base == name and (not labels or labels in lab):
+                total += float(value)
+        return total
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.service} did not stop on SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        """kill -9: no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
