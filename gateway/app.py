@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
 
 from proto import subjects
-from proto.bus import ChatMessage
 from proto.errors import CloseCode, ErrorCode
 from proto.frames import encode_frame, error_frame
 from proto.names import sanitize_user
@@ -25,6 +23,7 @@ from . import metrics
 from .conn import Conn
 from .handlers import Session
 from .hub import Hub
+from .publisher import Publisher
 from .settings import GatewaySettings
 
 log = logging.getLogger("roombus.gateway")
@@ -35,7 +34,9 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.hub = Hub(settings.dedupe_window)
+        self.hub = Hub(settings.dedupe_window, settings.replay_buffer)
+        self._publisher: Publisher | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._bus: Bus | None = None
         self.accepting = True
         origins = [o.strip().lower() for o in settings.allowed_origins.split(",") if o.strip()]
@@ -48,6 +49,18 @@ class Gateway:
             raise RuntimeError("gateway is not connected to NATS yet")
         return self._bus
 
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a background task of this gateway (kept referenced until it finishes)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            raise RuntimeError("gateway is not connected to NATS yet")
+        return self._publisher
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = self._bus is not None and self._bus.connected
         return connected and self.accepting, {"nats": connected, "accepting": self.accepting}
@@ -56,6 +69,8 @@ class Gateway:
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         self._bus = await connect(self.settings, "gateway")
         nc = self._bus.nc
+        self._publisher = Publisher(self._bus, self.settings)
+        await self._publisher.start()
         # One wildcard per channel kind, never one subscription per client. The pending
         # limits bound what a stalled event loop can queue up inside the client.
         await nc.subscribe(
@@ -70,16 +85,10 @@ class Gateway:
             yield
         finally:
             self.accepting = False
+            if self._tasks:  # sends waiting for their storage ack
+                await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
             await self._bus.drain(self.settings.shutdown_timeout / 2)
             log.info("gateway stopped")
-
-    async def publish_chat(self, msg: ChatMessage) -> None:
-        """Publish a client's message on the bus (every gateway, this one included, fans it out)."""
-        payload = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-        await self.bus.nc.publish(
-            subjects.room_message(msg.room), payload, headers={"Nats-Msg-Id": msg.id}
-        )
-        metrics.PUBLISHED.labels("chat").inc()
 
     # -- admission --------------------------------------------------------------------
     def origin_allowed(self, origin: str | None) -> bool:
@@ -110,6 +119,7 @@ class Gateway:
             maxlen=self.settings.send_queue,
             slow_timeout=self.settings.slow_client_timeout,
         )
+        conn.inflight = asyncio.Semaphore(self.settings.max_inflight)
         conn.start()
         self.hub.add(conn)
         metrics.CONNECTIONS_TOTAL.inc()

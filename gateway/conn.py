@@ -40,6 +40,9 @@ class Conn:
         "_slow_timeout",
         "_writer",
         "_drained",
+        "_space",
+        "replaying",
+        "inflight",
     )
 
     def __init__(self, send: Send, user: str, verified: bool, maxlen: int, slow_timeout: float):
@@ -56,6 +59,10 @@ class Conn:
         self._slow_timeout = slow_timeout
         self._writer: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
+        self._space = asyncio.Event()
+        # room -> live (id, frame) pairs held back while a `since` replay is read
+        self.replaying: dict[str, list[tuple[str, str]]] = {}
+        self.inflight = asyncio.Semaphore(1)
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.user}")
@@ -79,6 +86,24 @@ class Conn:
         self._wake.set()
         return True
 
+    async def put(self, frame: str) -> bool:
+        """Queue ``frame``, waiting for buffer space (for replays, which must not drop).
+
+        A client that makes no room within the slow-client timeout is disconnected.
+        """
+        while len(self._buf) >= self._max:
+            if self.closed.is_set():
+                return False
+            self._space.clear()
+            try:
+                async with asyncio.timeout(self._slow_timeout):
+                    await self._space.wait()
+            except TimeoutError:
+                metrics.SLOW_DISCONNECTS.inc()
+                self.shut(CloseCode.SLOW_CONSUMER)
+                return False
+        return self.offer(frame)
+
     def shut(self, code: int) -> None:
         """Ask the connection to close with ``code`` (idempotent)."""
         if not self.closed.is_set():
@@ -93,8 +118,9 @@ class Conn:
                 while buf:
                     frame = buf.popleft()
                     await self._send({"type": "websocket.send", "text": frame})
-                    if self._full_since is not None and len(buf) < self._max // 2:
+                    if len(buf) < self._max // 2:
                         self._full_since = None
+                        self._space.set()
                 self._wake.clear()
                 self._drained.set()
         except asyncio.CancelledError:

@@ -15,7 +15,7 @@ from proto import subjects
 from proto.bus import ChatMessage, utcnow
 from proto.errors import ErrorCode
 from proto.frames import FrameError, encode_frame, error_frame
-from proto.ids import new_id
+from proto.svc import REPLAY_PAGE_MAX
 
 from . import metrics
 from .conn import Conn
@@ -74,13 +74,54 @@ class Session:
 
     # -- rooms ------------------------------------------------------------------------
     async def on_join(self, data: f.JoinData) -> None:
-        conn = self.conn
-        if data.room not in conn.rooms and len(conn.rooms) >= self.gw.settings.max_rooms:
+        conn, room = self.conn, data.room
+        if room not in conn.rooms and len(conn.rooms) >= self.gw.settings.max_rooms:
             raise FrameError(
                 ErrorCode.TOO_MANY_ROOMS, f"at most {self.gw.settings.max_rooms} rooms"
             )
-        self.gw.hub.join(conn, data.room)
-        self.send(encode_frame("joined", {"room": data.room, "user": conn.user}))
+        if data.since is None or room in conn.replaying:
+            self.gw.hub.join(conn, room)
+            self.send(encode_frame("joined", {"room": room, "user": conn.user}))
+            return
+        # Hold live messages back while the stored ones are read, then merge by id:
+        # every stored message after `since`, in order, once, then live, with no gap.
+        conn.replaying[room] = []
+        self.gw.hub.join(conn, room)
+        self.send(encode_frame("joined", {"room": room, "user": conn.user, "since": data.since}))
+        replayed: set[str] = set()
+        try:
+            await self.replay(room, data.since, replayed)
+        finally:
+            held = conn.replaying.pop(room, [])
+            for msg_id, frame in held:
+                if msg_id not in replayed:
+                    conn.offer(frame)
+
+    async def replay(self, room: str, since: str, replayed: set[str]) -> None:
+        after, first = since, True
+        while True:
+            query = {"room": room, "after": after, "limit": REPLAY_PAGE_MAX}
+            page = await self.request(subjects.svc_history(room), query, "history")
+            messages = page.get("messages")
+            if not isinstance(messages, list):
+                raise FrameError(ErrorCode.UNAVAILABLE, "the history service answered garbage")
+            if first and page.get("gap"):
+                self.error(
+                    ErrorCode.HISTORY_GAP,
+                    "retention removed messages since that id; replaying all that are kept",
+                    room=room,
+                )
+            first = False
+            for m in messages:
+                msg = ChatMessage.model_validate(m)
+                replayed.add(msg.id)
+                self.gw.hub.remember(msg.id)
+                if not await self.conn.put(encode_frame("chat.message", msg).decode()):
+                    return
+                after = msg.id
+            metrics.REPLAYED.inc(len(messages))
+            if not page.get("has_more") or not messages:
+                return
 
     async def on_leave(self, data: f.RoomData) -> None:
         if not self.gw.hub.leave(self.conn, data.room):
@@ -108,8 +149,10 @@ class Session:
             raise FrameError(
                 ErrorCode.TEXT_TOO_LONG, f"text is longer than {self.gw.settings.text_max}"
             )
+        publisher = self.gw.publisher
+        msg_id = await publisher.message_id(self.conn.user, data.client_id)
         msg = ChatMessage(
-            id=new_id(),
+            id=msg_id,
             room=room,
             user=self.conn.user,
             text=data.text,
@@ -117,7 +160,24 @@ class Session:
             client_id=data.client_id,
             verified=self.conn.verified,
         )
-        await self.gw.publish_chat(msg)
+        # Storage acks come back asynchronously: the reader goes on with the next frame,
+        # up to `max_inflight` unacked sends, then stops reading (TCP backpressure).
+        await self.conn.inflight.acquire()
+        self.gw.spawn(self._publish(msg), f"publish-{msg.id}")
+
+    async def _publish(self, msg: ChatMessage) -> None:
+        try:
+            stored = await self.gw.publisher.publish(msg)
+        except Exception:
+            log.exception("publish failed", extra={"id": msg.id})
+            stored = False
+        finally:
+            self.conn.inflight.release()
+        ack = {"client_id": msg.client_id, "id": msg.id}
+        if stored:
+            self.send(encode_frame("ack", ack))
+        else:
+            self.error(ErrorCode.NOT_STORED, "the message was not confirmed stored", **ack)
 
     async def on_history(self, data: f.HistoryData) -> None:
         room = self.require_room(data.room)

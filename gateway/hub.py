@@ -43,7 +43,8 @@ class Hub:
     message is parsed and encoded once, then offered to each local member.
     """
 
-    def __init__(self, dedupe_window: int) -> None:
+    def __init__(self, dedupe_window: int, replay_buffer: int = 10_000) -> None:
+        self.replay_buffer = replay_buffer
         self.rooms: dict[str, set[Conn]] = {}
         self.conns: set[Conn] = set()
         self._recent = RecentIds(dedupe_window)
@@ -88,23 +89,35 @@ class Hub:
         return {c.user for c in self.rooms.get(room, ())}
 
     # -- fan-out ----------------------------------------------------------------------
-    def deliver(self, room: str, frame: str) -> int:
+    def deliver(self, room: str, frame: str, msg_id: str | None = None) -> int:
         """Offer one encoded frame to every local member of ``room``; returns how many took it."""
         members = self.rooms.get(room)
         if not members:
             return 0
         n = 0
         for conn in tuple(members):
+            if conn.replaying:
+                held = conn.replaying.get(room)
+                if held is not None and msg_id is not None:
+                    if len(held) < self.replay_buffer:
+                        held.append((msg_id, frame))
+                    else:
+                        metrics.DROPPED.labels("replay_buffer").inc()
+                    continue
             n += conn.offer(frame)
         metrics.DELIVERED.inc(n)
         return n
+
+    def remember(self, msg_id: str) -> None:
+        """Mark ``msg_id`` as delivered (e.g. replayed) so a late live copy is dropped."""
+        self._recent.seen(msg_id)
 
     def deliver_message(self, msg: ChatMessage) -> int:
         """Fan out a chat message once per id (a retried publish is suppressed)."""
         if self._recent.seen(msg.id):
             metrics.DUPLICATES.inc()
             return 0
-        return self.deliver(msg.room, encode_frame("chat.message", msg).decode())
+        return self.deliver(msg.room, encode_frame("chat.message", msg).decode(), msg.id)
 
     async def on_room_message(self, msg: Msg) -> None:
         """Callback of the ``room.*.message`` wildcard subscription."""

@@ -17,6 +17,16 @@ BUS_IN = Counter("roombus_gateway_bus_messages_total", "Bus messages received", 
 BUS_MALFORMED = Counter(
     "roombus_gateway_bus_malformed_total", "Bus payloads dropped as malformed", ["kind"]
 )
+CLIENT_ID_REUSED = Counter(
+    "roombus_gateway_client_id_reused_total", "Sends whose client_id mapped to an earlier id"
+)
+NOT_STORED = Counter("roombus_gateway_not_stored_total", "Messages never acked by storage")
+ACK_SECONDS = Histogram(
+    "roombus_gateway_ack_seconds",
+    "Time from publish to storage ack",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+REPLAYED = Counter("roombus_gateway_replayed_total", "Stored messages replayed on join")
 DUPLICATES = Counter("roombus_gateway_duplicates_total", "Bus messages suppressed as duplicates")
 DELIVERED = Counter("roombus_gateway_delivered_total", "Frames queued to clients by fan-out")
 DROPPED = Counter("roombus_gateway_dropped_total", "Frames dropped for one client", ["reason"])

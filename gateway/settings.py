@@ -27,5 +27,18 @@ class GatewaySettings(ServiceSettings):
     """Seconds a client's buffer may stay full before it is disconnected (close 4008)."""
     request_timeout: float = Field(default=2.0, gt=0, le=60)
     """Seconds to wait for the history/presence services to answer a query."""
+    store_acks: bool = True
+    """Publish chat messages as requests and ``ack`` them once the history service stored them;
+    retry unacked sends with the same id. Turn off only when no history service runs."""
+    ack_timeout: float = Field(default=1.0, gt=0, le=60)
+    """Seconds to wait for the first storage ack before retrying (doubles per retry, max 5 s)."""
+    ack_deadline: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds after which an unacked message is reported ``not_stored`` to its sender."""
+    max_inflight: int = Field(default=64, ge=1, le=10_000)
+    """Unacked messages per connection; beyond it the gateway stops reading that socket."""
+    client_id_ttl: float = Field(default=3600, gt=0)
+    """Seconds a ``client_id`` keeps mapping to the same message id (retries across gateways)."""
+    replay_buffer: int = Field(default=10_000, ge=100)
+    """Live messages held per joining client while its ``since`` replay is read."""
     dedupe_window: int = Field(default=65_536, ge=1024, le=10_000_000)
     """Recent message ids remembered to suppress a retried message's second fan-out."""

@@ -16,6 +16,7 @@ from .settings import ServiceSettings, settings_from
 # and `roombus history` should not pay for importing the gateway.
 SERVICES: dict[str, tuple[str, str, str]] = {
     "gateway": ("gateway.settings:GatewaySettings", "gateway.main:run", "the WebSocket gateway"),
+    "history": ("history.settings:HistorySettings", "history.main:run", "the history service"),
 }
 
 

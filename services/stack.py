@@ -42,6 +42,7 @@ def add_up_parser(sub: Any) -> None:
     p.add_argument("--nats-port", type=int, default=None, help="default 4222, or a free port")
     p.add_argument("--gateways", type=int, default=2, help="gateway processes (default 2)")
     p.add_argument("--gateway-port", type=int, default=8080, help="first gateway port")
+    p.add_argument("--history", type=int, default=2, help="history replicas (default 2)")
     p.add_argument("--data-dir", default=".roombus", help="nats-server store and logs")
 
 
@@ -101,6 +102,14 @@ def run_up(args: dict[str, Any]) -> int:
         )
         for i, port in enumerate(gw_ports)
     ]
+    for i in range(args["history"]):
+        children.append(
+            Child(
+                f"history-{i + 1}",
+                [*py, "history", "--port", str(free_port())],
+                {**env, "INSTANCE": f"history-{i + 1}"},
+            )
+        )
     for child in children:
         child.start()
 
@@ -108,6 +117,7 @@ def run_up(args: dict[str, Any]) -> int:
         "\nroombus is up\n"
         f"  NATS:      {nats.url}  (store {nats.store_dir})\n"
         + "".join(f"  chat page: http://{args['host']}:{p}/\n" for p in gw_ports)
+        + f"  history:   {args['history']} replicas (stream HISTORY)\n"
         + f"  watch:     nats sub 'room.>' --server {nats.url}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,

@@ -1,0 +1,1 @@
+"""The history service: persists room messages to JetStream and answers history queries."""

@@ -1,0 +1,28 @@
+"""History service settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.settings import ServiceSettings
+
+
+class HistorySettings(ServiceSettings):
+    """Settings of ``roombus history``."""
+
+    port: int = Field(default=8090, ge=0, le=65535)
+    """HTTP port for /healthz, /readyz, /metrics."""
+    history_max_age: float = Field(default=30 * 24 * 3600, ge=0)
+    """Seconds a message is kept (0 = forever)."""
+    history_max_msgs_per_room: int = Field(default=100_000, ge=-1)
+    """Messages kept per room; the oldest go first (-1 = unlimited)."""
+    history_max_bytes: int = Field(default=1024**3, ge=-1)
+    """Bytes the whole HISTORY stream may use (-1 = unlimited)."""
+    history_replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of HISTORY: 1 on a single server, 3 on a cluster."""
+    history_dedupe_window: float = Field(default=600, gt=0, le=86400)
+    """Seconds JetStream remembers message ids: a retry inside it is never stored twice."""
+    history_inflight: int = Field(default=1024, ge=1, le=100_000)
+    """Stores awaiting their JetStream ack at once; beyond it intake waits (backpressure)."""
+    history_store_timeout: float = Field(default=5.0, gt=0, le=60)
+    """Seconds to wait for one JetStream ack before the store counts as failed."""

@@ -1,0 +1,175 @@
+"""The HISTORY stream: provisioning, storing, and reading pages forwards and backwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timedelta
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from proto import subjects
+from proto.bus import ChatMessage
+from proto.ids import id_time
+from services.jetstream import ensure_stream
+
+from .settings import HistorySettings
+
+log = logging.getLogger("roombus.history.store")
+
+FETCH_BATCH = 256
+WINDOW_START = timedelta(seconds=2)
+
+
+def stream_config(settings: HistorySettings) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.HISTORY_STREAM,
+        description="roombus chat history, one subject per room",
+        subjects=[subjects.HISTORY_WILDCARD],
+        storage=StorageType.FILE,
+        num_replicas=settings.history_replicas,
+        max_age=settings.history_max_age,
+        max_msgs_per_subject=settings.history_max_msgs_per_room,
+        max_bytes=settings.history_max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=settings.history_dedupe_window,
+        allow_direct=True,
+    )
+
+
+class Store:
+    """Reads and writes of the HISTORY stream."""
+
+    def __init__(self, js: JetStreamContext, settings: HistorySettings) -> None:
+        self.js = js
+        self.settings = settings
+
+    async def provision(self) -> None:
+        await ensure_stream(self.js, stream_config(self.settings))
+
+    async def append(self, msg: ChatMessage, payload: bytes) -> tuple[int, bool]:
+        """Store one message (idempotent by id); returns (stream seq, was a duplicate)."""
+        fut = await self.js.publish_async(
+            subjects.history(msg.room),
+            payload,
+            headers={"Nats-Msg-Id": msg.id},
+            wait_stall=self.settings.history_store_timeout,
+        )
+        ack = await asyncio.wait_for(fut, self.settings.history_store_timeout)
+        return ack.seq, bool(ack.duplicate)
+
+    # -- reading ----------------------------------------------------------------------
+    async def _read(
+        self, room: str, start: datetime, stop_id: str | None, limit: int | None
+    ) -> tuple[list[ChatMessage], bool]:
+        """Messages of ``room`` stored from ``start`` on, stopping before ``stop_id``.
+
+        Returns (messages oldest first, True when ``limit`` cut the read short).
+        """
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=start.isoformat(),  # type: ignore[arg-type]
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        sub = await self.js.pull_subscribe(
+            subjects.history(room), durable=None, stream=subjects.HISTORY_STREAM, config=config
+        )
+        out: list[ChatMessage] = []
+        try:
+            info = await sub.consumer_info()
+            pending = info.num_pending or 0
+            while pending > 0:
+                want = min(FETCH_BATCH, pending)
+                try:
+                    batch = await sub.fetch(want, timeout=5)
+                except NatsTimeoutError:
+                    break
+                for m in batch:
+                    pending = m.metadata.num_pending
+                    try:
+                        chat = ChatMessage.model_validate_json(m.data)
+                    except ValueError:
+                        continue
+                    if stop_id is not None and chat.id >= stop_id:
+                        return out, False
+                    out.append(chat)
+                    if limit is not None and len(out) > limit:
+                        return out, True
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return out, False
+
+    async def first(self, room: str) -> ChatMessage | None:
+        """The oldest retained message of ``room``."""
+        try:
+            raw = await self.js.get_msg(
+                subjects.HISTORY_STREAM, seq=1, subject=subjects.history(room), next=True
+            )
+        except NotFoundError:
+            return None
+        if raw.data is None:
+            return None
+        try:
+            return ChatMessage.model_validate_json(raw.data)
+        except ValueError:
+            return None
+
+    async def after(
+        self, room: str, after: str, limit: int
+    ) -> tuple[list[ChatMessage], bool, bool]:
+        """Up to ``limit`` messages newer than ``after``: (messages, has_more, gap)."""
+        start = id_time(after) - timedelta(milliseconds=1)
+        msgs, cut = await self._read(room, start, None, limit)
+        msgs = [m for m in msgs if m.id > after]
+        has_more = cut or len(msgs) > limit
+        msgs = msgs[:limit]
+        gap = False
+        first = await self.first(room)
+        if first is not None and first.id > after:
+            # `after` is older than everything retained: unless it was the very message
+            # just before the first one kept, retention removed some in between.
+            gap = True
+        return msgs, has_more, gap
+
+    async def before(
+        self, room: str, before: str | None, limit: int
+    ) -> tuple[list[ChatMessage], bool]:
+        """The ``limit`` messages just older than ``before`` (or the newest): (msgs, has_more).
+
+        JetStream reads forwards only, so read a time window ending at ``before`` and
+        double it until it holds ``limit`` messages or reaches the room's first message.
+        """
+        first = await self.first(room)
+        if first is None:
+            return [], False
+        end = id_time(before) + timedelta(milliseconds=1) if before else None
+        now = datetime.now(id_time(first.id).tzinfo)
+        hi = end or now + timedelta(seconds=1)
+        window = WINDOW_START
+        collected: list[ChatMessage] = []
+        lo_time = hi
+        while True:
+            lo_time = max(hi - window, id_time(first.id) - timedelta(milliseconds=1))
+            msgs, _ = await self._read(room, lo_time, before, None)
+            collected = msgs
+            if len(collected) >= limit or lo_time <= id_time(first.id):
+                break
+            window *= 4
+        page = collected[-limit:]
+        has_more = bool(page) and page[0].id > first.id
+        return page, has_more

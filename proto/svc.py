@@ -1,0 +1,82 @@
+"""Request/reply payloads between gateways and the history / presence services."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .bus import ChatMessage
+from .errors import ErrorCode
+from .ids import MessageId
+from .names import RoomName, UserId
+
+REPLAY_PAGE_MAX = 1000
+"""Largest page of a forward (``after``) replay query."""
+
+
+class _Svc(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class HistoryQuery(_Svc):
+    """``svc.history.<room>``: a page before ``before`` (newest first page), or after ``after``."""
+
+    room: RoomName
+    before: MessageId | None = None
+    """Page backwards: the ``limit`` messages just older than this id."""
+    after: MessageId | None = None
+    """Replay forwards: up to ``limit`` messages newer than this id, oldest first."""
+    limit: int = Field(default=50, ge=1, le=REPLAY_PAGE_MAX)
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> HistoryQuery:
+        if self.before is not None and self.after is not None:
+            raise ValueError("give before or after, not both")
+        return self
+
+
+class HistoryPage(_Svc):
+    """The answer to a :class:`HistoryQuery`: messages oldest first."""
+
+    room: RoomName
+    messages: list[ChatMessage]
+    has_more: bool
+    """More messages exist in the asked direction (older for ``before``, newer for ``after``)."""
+    gap: bool = False
+    """``after`` pointed at a message retention already removed: some may be missing."""
+
+
+class StoreAck(_Svc):
+    """The history replica's reply to a ``room.<room>.message`` request once JetStream stored it."""
+
+    id: MessageId
+    seq: int
+    duplicate: bool = False
+
+
+class PresenceQuery(_Svc):
+    """``svc.presence.<room>``: who is in the room now."""
+
+    room: RoomName
+
+
+class PresenceReport(_Svc):
+    """A gateway's report of its members (``join``/``leave`` one user, or a full ``refresh``)."""
+
+    kind: Literal["join", "leave", "refresh"]
+    gateway: str = Field(min_length=1, max_length=128)
+    room: RoomName | None = None
+    user: UserId | None = None
+    members: dict[RoomName, list[UserId]] | None = None
+
+
+class PresenceMembers(_Svc):
+    room: RoomName
+    members: list[UserId]
+    count: int
+
+
+def service_error(code: ErrorCode, message: str) -> dict[str, Any]:
+    """The body of an error reply (``{"error": {"code", "message"}}``)."""
+    return {"error": {"code": code.value, "message": message}}

@@ -1,0 +1,62 @@
+"""JetStream provisioning: create or update streams and buckets, never wipe data."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger("roombus.jetstream")
+
+
+class ProvisioningError(RuntimeError):
+    """A stream could not be brought to the wanted configuration; says what to do."""
+
+    def __init__(self, stream: str, detail: str) -> None:
+        self.stream = stream
+        self.detail = detail
+        super().__init__(f"stream {stream}: {detail}")
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create ``config.name`` or update it in place to ``config`` (idempotent, keeps data)."""
+    name = config.name
+    assert name is not None
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("stream created", extra={"stream": name})
+        return
+    current = info.config
+    if current.num_replicas != config.num_replicas:
+        log.info(
+            "stream replica count changes",
+            extra={"stream": name, "from": current.num_replicas, "to": config.num_replicas},
+        )
+    try:
+        await js.update_stream(config)
+    except (BadRequestError, APIError) as exc:
+        raise ProvisioningError(
+            name,
+            f"cannot update to the configured settings ({exc.description}). Current: "
+            f"replicas={current.num_replicas}, storage={current.storage}. Change the setting "
+            "back, or migrate: `nats stream edit` / `nats stream backup` then recreate.",
+        ) from exc
+    log.info("stream up to date", extra={"stream": name})
+
+
+async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The bucket ``config.bucket``, created when missing; an existing one is kept as is."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:
+        # Another process created it in between.
+        return await js.key_value(config.bucket)

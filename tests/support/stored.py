@@ -1,0 +1,40 @@
+"""Read what the history service stored, straight from JetStream (as `nats stream view` would)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+
+async def stored_messages(nats_url: str, room: str) -> list[dict[str, Any]]:
+    """Every message stored for ``room`` in HISTORY, in stream order."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info("HISTORY", subjects_filter=f"history.{room}")
+        except NotFoundError:
+            return []
+        total = (info.state.subjects or {}).get(f"history.{room}", 0)
+        if not total:
+            return []
+        sub = await js.pull_subscribe(
+            f"history.{room}",
+            durable=None,
+            stream="HISTORY",
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True
+            ),
+        )
+        out: list[dict[str, Any]] = []
+        while len(out) < total:
+            for m in await sub.fetch(min(500, total - len(out)), timeout=10):
+                out.append(json.loads(m.data))
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
