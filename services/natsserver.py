@@ -73,6 +73,9 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent if pdeathsig else None,
+            # Own session: a terminal's Ctrl-C reaches only our parent, which stops the
+            # services first and the broker last.
+            start_new_session=pdeathsig,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
