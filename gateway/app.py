@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from typing import Any
@@ -23,6 +26,7 @@ from . import metrics
 from .conn import Conn
 from .handlers import Session
 from .hub import Hub
+from .presence import PresenceReporter
 from .publisher import Publisher
 from .settings import GatewaySettings
 
@@ -37,6 +41,13 @@ class Gateway:
         self.hub = Hub(settings.dedupe_window, settings.replay_buffer)
         self._publisher: Publisher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Unique per process: presence keys of a restarted gateway are new keys.
+        self.gateway_id = (
+            sanitize_user(
+                f"{settings.instance or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+            )
+            or f"gw-{os.getpid()}"
+        )
         self._bus: Bus | None = None
         self.accepting = True
         origins = [o.strip().lower() for o in settings.allowed_origins.split(",") if o.strip()]
@@ -71,6 +82,11 @@ class Gateway:
         nc = self._bus.nc
         self._publisher = Publisher(self._bus, self.settings)
         await self._publisher.start()
+        reporter = PresenceReporter(
+            self._bus, self.gateway_id, self.settings.presence_ttl, self.settings.presence_replicas
+        )
+        await reporter.start()
+        self.hub.presence = reporter
         # One wildcard per channel kind, never one subscription per client. The pending
         # limits bound what a stalled event loop can queue up inside the client.
         await nc.subscribe(
@@ -78,6 +94,12 @@ class Gateway:
             cb=self.hub.on_room_message,
             pending_msgs_limit=100_000,
             pending_bytes_limit=64 * 1024 * 1024,
+        )
+        await nc.subscribe(
+            subjects.ROOM_PRESENCE_WILDCARD,
+            cb=self.hub.on_room_presence,
+            pending_msgs_limit=100_000,
+            pending_bytes_limit=16 * 1024 * 1024,
         )
         await nc.flush()
         log.info("gateway ready", extra={"port": self.settings.port})
@@ -87,6 +109,7 @@ class Gateway:
             self.accepting = False
             if self._tasks:  # sends waiting for their storage ack
                 await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
+            await reporter.stop(self.settings.shutdown_timeout / 4)
             await self._bus.drain(self.settings.shutdown_timeout / 2)
             log.info("gateway stopped")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from proto import frames as f
 from proto import subjects
-from proto.bus import ChatMessage, utcnow
+from proto.bus import ChatMessage, PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.frames import FrameError, encode_frame, error_frame
-from proto.svc import REPLAY_PAGE_MAX
+from proto.svc import REPLAY_PAGE_MAX, PresenceMembers
 
 from . import metrics
 from .conn import Conn
@@ -32,6 +33,7 @@ class Session:
     def __init__(self, gw: Gateway, conn: Conn) -> None:
         self.gw = gw
         self.conn = conn
+        self.last_typing: dict[str, float] = {}
 
     def send(self, frame: bytes) -> None:
         self.conn.offer(frame.decode())
@@ -67,6 +69,10 @@ class Session:
                 await self.on_chat(frame.data)
             case f.History():
                 await self.on_history(frame.data)
+            case f.Presence():
+                await self.on_presence(frame.data)
+            case f.Typing():
+                await self.on_typing(frame.data)
             case _:
                 raise FrameError(
                     ErrorCode.UNKNOWN_TYPE, f"{frame.type!r} is not served by this gateway"
@@ -81,13 +87,14 @@ class Session:
             )
         if data.since is None or room in conn.replaying:
             self.gw.hub.join(conn, room)
-            self.send(encode_frame("joined", {"room": room, "user": conn.user}))
+            self.send(encode_frame("joined", await self.joined_data(room)))
             return
         # Hold live messages back while the stored ones are read, then merge by id:
         # every stored message after `since`, in order, once, then live, with no gap.
         conn.replaying[room] = []
         self.gw.hub.join(conn, room)
-        self.send(encode_frame("joined", {"room": room, "user": conn.user, "since": data.since}))
+        joined = await self.joined_data(room)
+        self.send(encode_frame("joined", {**joined, "since": data.since}))
         replayed: set[str] = set()
         try:
             await self.replay(room, data.since, replayed)
@@ -122,6 +129,43 @@ class Session:
             metrics.REPLAYED.inc(len(messages))
             if not page.get("has_more") or not messages:
                 return
+
+    async def joined_data(self, room: str) -> dict[str, object]:
+        """The ``joined`` reply: the room, who we are, and who is there (when presence answers)."""
+        data: dict[str, object] = {"room": room, "user": self.conn.user}
+        try:
+            members = await self.presence_members(room, within=0.5)
+        except FrameError:
+            return data  # presence is optional for joining; `presence` frames say why
+        # Our own join may not have reached the presence service yet.
+        everyone = sorted(set(members) | {self.conn.user})
+        data.update(members=everyone, count=len(everyone))
+        return data
+
+    async def presence_members(self, room: str, within: float | None = None) -> list[str]:
+        reply = await self.request(subjects.svc_presence(room), {"room": room}, "presence", within)
+        members = PresenceMembers.model_validate(reply)
+        return list(members.members)
+
+    async def on_presence(self, data: f.RoomData) -> None:
+        room = self.require_room(data.room)
+        members = await self.presence_members(room)
+        self.send(
+            encode_frame("presence", {"room": room, "members": members, "count": len(members)})
+        )
+
+    async def on_typing(self, data: f.RoomData) -> None:
+        room = self.require_room(data.room)
+        now = time.monotonic()
+        if now - self.last_typing.get(room, -1e9) < self.gw.settings.typing_interval:
+            metrics.DROPPED.labels("typing_rate").inc()
+            return  # typing is a hint: extra signals are coalesced, not errors
+        self.last_typing[room] = now
+        event = PresenceEvent(type="typing", room=room, user=self.conn.user, ts=utcnow())
+        await self.gw.bus.nc.publish(
+            subjects.room_presence(room), orjson.dumps(event.model_dump(mode="json"))
+        )
+        metrics.PUBLISHED.labels("typing").inc()
 
     async def on_leave(self, data: f.RoomData) -> None:
         if not self.gw.hub.leave(self.conn, data.room):
@@ -186,12 +230,12 @@ class Session:
         self.send(encode_frame("history", reply))
 
     async def request(
-        self, subject: str, query: Mapping[str, object], what: str
+        self, subject: str, query: Mapping[str, object], what: str, within: float | None = None
     ) -> dict[str, object]:
         """Ask a backing service; its ``error`` replies become ``error`` frames."""
         try:
             msg = await self.gw.bus.nc.request(
-                subject, orjson.dumps(query), timeout=self.gw.settings.request_timeout
+                subject, orjson.dumps(query), timeout=within or self.gw.settings.request_timeout
             )
         except (NoRespondersError, NatsTimeoutError, TimeoutError):
             raise FrameError(ErrorCode.UNAVAILABLE, f"the {what} service did not answer") from None

@@ -9,12 +9,13 @@ from collections import OrderedDict
 from nats.aio.msg import Msg
 
 from proto import subjects
-from proto.bus import ChatMessage, parse_bus_chat
+from proto.bus import ChatMessage, PresenceEvent, parse_bus_chat
 from proto.frames import encode_frame
 from services.logs import RateLimitedLog
 
 from . import metrics
 from .conn import Conn
+from .presence import PresenceReporter
 
 log = logging.getLogger("roombus.gateway.hub")
 
@@ -45,6 +46,9 @@ class Hub:
 
     def __init__(self, dedupe_window: int, replay_buffer: int = 10_000) -> None:
         self.replay_buffer = replay_buffer
+        # Local connections per (room, user): presence is per user, not per tab.
+        self.user_counts: dict[tuple[str, str], int] = {}
+        self.presence: PresenceReporter | None = None
         self.rooms: dict[str, set[Conn]] = {}
         self.conns: set[Conn] = set()
         self._recent = RecentIds(dedupe_window)
@@ -71,6 +75,10 @@ class Hub:
         conn.rooms.add(room)
         self.rooms.setdefault(room, set()).add(conn)
         metrics.ROOMS.set(len(self.rooms))
+        key = (room, conn.user)
+        self.user_counts[key] = self.user_counts.get(key, 0) + 1
+        if self.user_counts[key] == 1 and self.presence is not None:
+            self.presence.join(room, conn.user)
         return True
 
     def leave(self, conn: Conn, room: str) -> bool:
@@ -83,6 +91,14 @@ class Hub:
             if not members:
                 del self.rooms[room]
         metrics.ROOMS.set(len(self.rooms))
+        key = (room, conn.user)
+        left = self.user_counts.get(key, 1) - 1
+        if left > 0:
+            self.user_counts[key] = left
+        else:
+            self.user_counts.pop(key, None)
+            if self.presence is not None:
+                self.presence.leave(room, conn.user)
         return True
 
     def local_users(self, room: str) -> set[str]:
@@ -118,6 +134,32 @@ class Hub:
             metrics.DUPLICATES.inc()
             return 0
         return self.deliver(msg.room, encode_frame("chat.message", msg).decode(), msg.id)
+
+    async def on_room_presence(self, msg: Msg) -> None:
+        """Callback of the ``room.*.presence`` wildcard: join/leave/typing to local members."""
+        metrics.BUS_IN.labels("room_presence").inc()
+        room = subjects.parse_room_presence(msg.subject)
+        if room is None or room not in self.rooms:
+            return
+        try:
+            event = PresenceEvent.model_validate_json(msg.data)
+            if event.room != room:
+                raise ValueError("event room does not match subject")
+        except ValueError as exc:
+            metrics.BUS_MALFORMED.labels("room_presence").inc()
+            self._badlog.warning(
+                "bad_presence",
+                "dropped malformed presence event",
+                subject=msg.subject,
+                error=str(exc)[:300],
+            )
+            return
+        if event.type == "typing":
+            frame = encode_frame("typing", {"room": room, "user": event.user})
+        else:
+            data = {"room": room, "event": event.type, "user": event.user, "count": event.count}
+            frame = encode_frame("presence", data)
+        self.deliver(room, frame.decode())
 
     async def on_room_message(self, msg: Msg) -> None:
         """Callback of the ``room.*.message`` wildcard subscription."""

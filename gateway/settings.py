@@ -40,5 +40,12 @@ class GatewaySettings(ServiceSettings):
     """Seconds a ``client_id`` keeps mapping to the same message id (retries across gateways)."""
     replay_buffer: int = Field(default=10_000, ge=100)
     """Live messages held per joining client while its ``since`` replay is read."""
+    presence_ttl: float = Field(default=15.0, ge=1, le=3600)
+    """Seconds a gateway's presence keys live without a refresh: a dead gateway's users leave
+    their rooms within about this time (refreshed every third of it)."""
+    presence_replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of the presence bucket (must match the presence service's)."""
+    typing_interval: float = Field(default=1.0, ge=0.1, le=60)
+    """Seconds between two ``typing`` signals a connection may send for one room."""
     dedupe_window: int = Field(default=65_536, ge=1024, le=10_000_000)
     """Recent message ids remembered to suppress a retried message's second fan-out."""

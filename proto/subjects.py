@@ -19,6 +19,7 @@ BRIDGE_QUEUE = "bridge"
 
 HISTORY_STREAM = "HISTORY"
 PRESENCE_BUCKET = "presence"
+PRESENCE_CLAIMS_BUCKET = "presence_events"
 CLIENT_IDS_BUCKET = "client_ids"
 
 
@@ -105,3 +106,24 @@ def parse_event(subject: str) -> str | None:
         return check_event_type(subject[len("event.") :])
     except ValueError:
         return None
+
+
+def presence_key(room: str, user: str, gateway: str) -> str:
+    """Key of one user's membership of one room through one gateway in the presence bucket."""
+    return f"{check_name(room, 'room')}.{check_name(user, 'user')}.{check_name(gateway, 'gateway')}"
+
+
+def parse_presence_key(key: str) -> tuple[str, str, str] | None:
+    """(room, user, gateway) of a presence key, or None when it is not one."""
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        return check_name(parts[0]), check_name(parts[1]), check_name(parts[2])
+    except ValueError:
+        return None
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The JetStream subject a KV bucket stores ``key`` on (for puts with a per-key TTL)."""
+    return f"$KV.{bucket}.{key}"

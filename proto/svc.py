@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,16 +59,6 @@ class PresenceQuery(_Svc):
     """``svc.presence.<room>``: who is in the room now."""
 
     room: RoomName
-
-
-class PresenceReport(_Svc):
-    """A gateway's report of its members (``join``/``leave`` one user, or a full ``refresh``)."""
-
-    kind: Literal["join", "leave", "refresh"]
-    gateway: str = Field(min_length=1, max_length=128)
-    room: RoomName | None = None
-    user: UserId | None = None
-    members: dict[RoomName, list[UserId]] | None = None
 
 
 class PresenceMembers(_Svc):

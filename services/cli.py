@@ -17,6 +17,7 @@ from .settings import ServiceSettings, settings_from
 SERVICES: dict[str, tuple[str, str, str]] = {
     "gateway": ("gateway.settings:GatewaySettings", "gateway.main:run", "the WebSocket gateway"),
     "history": ("history.settings:HistorySettings", "history.main:run", "the history service"),
+    "presence": ("presence.settings:PresenceSettings", "presence.main:run", "the presence service"),
 }
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+
+from proto import subjects
 
 log = logging.getLogger("roombus.jetstream")
 
@@ -60,3 +62,20 @@ async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     except BadRequestError:
         # Another process created it in between.
         return await js.key_value(config.bucket)
+
+
+def presence_bucket_config(replicas: int, marker_ttl: float) -> KeyValueConfig:
+    """The ``presence`` bucket, identical for the gateways (writers) and presence (reader).
+
+    Keys carry a per-key TTL (``Nats-TTL``); ``limit_marker_ttl`` makes the server write a
+    delete marker when one expires, so watchers see a dead gateway's users leave
+    (nats-server >= 2.11).
+    """
+    return KeyValueConfig(
+        bucket=subjects.PRESENCE_BUCKET,
+        description="roombus presence: room.user.gateway keys with a per-key TTL",
+        history=1,
+        storage=StorageType.FILE,
+        replicas=replicas,
+        limit_marker_ttl=marker_ttl,
+    )

@@ -110,6 +110,13 @@ def run_up(args: dict[str, Any]) -> int:
                 {**env, "INSTANCE": f"history-{i + 1}"},
             )
         )
+    children.append(
+        Child(
+            "presence",
+            [*py, "presence", "--port", str(free_port())],
+            {**env, "INSTANCE": "presence"},
+        )
+    )
     for child in children:
         child.start()
 
@@ -118,6 +125,7 @@ def run_up(args: dict[str, Any]) -> int:
         f"  NATS:      {nats.url}  (store {nats.store_dir})\n"
         + "".join(f"  chat page: http://{args['host']}:{p}/\n" for p in gw_ports)
         + f"  history:   {args['history']} replicas (stream HISTORY)\n"
+        + "  presence:  1 (bucket presence)\n"
         + f"  watch:     nats sub 'room.>' --server {nats.url}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,

@@ -1,0 +1,1 @@
+"""The presence service: who is in which room, across all gateways."""

@@ -1,0 +1,18 @@
+"""Presence service settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.settings import ServiceSettings
+
+
+class PresenceSettings(ServiceSettings):
+    """Settings of ``roombus presence``."""
+
+    port: int = Field(default=8095, ge=0, le=65535)
+    """HTTP port for /healthz, /readyz, /metrics."""
+    presence_ttl: float = Field(default=15.0, ge=1, le=3600)
+    """The gateways' key TTL (must match theirs); sets how long delete markers are kept."""
+    presence_replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of the presence bucket: 1 on a single server, 3 on a cluster."""
