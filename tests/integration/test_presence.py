@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import nats
-from nats.aio.msg import Msg
 import pytest
+from nats.aio.msg import Msg
 
 from tests.conftest import ServiceFactory
 from tests.support.client import Client
