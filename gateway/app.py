@@ -16,19 +16,16 @@ from urllib.parse import urlsplit
 from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
 
 from proto import subjects
-from proto.errors import CloseCode, ErrorCode
-from proto.frames import encode_frame, error_frame
 from proto.names import sanitize_user
 from services.bus import Bus, connect
 from services.http import health_handlers
 
-from . import metrics
-from .conn import Conn
-from .handlers import Session
+from .auth import Authenticator
 from .hub import Hub
 from .presence import PresenceReporter
 from .publisher import Publisher
 from .settings import GatewaySettings
+from .ws import serve_ws
 
 log = logging.getLogger("roombus.gateway")
 
@@ -39,6 +36,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.hub = Hub(settings.dedupe_window, settings.replay_buffer)
+        self.auth = Authenticator(settings)
+        self.per_ip: dict[str, int] = {}
         self._publisher: Publisher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Unique per process: presence keys of a restarted gateway are new keys.
@@ -123,64 +122,6 @@ class Gateway:
             return False
         return host in self.origin_hosts
 
-    async def serve_ws(self, socket: WebSocket[Any, Any, Any]) -> None:
-        if not self.accepting:
-            metrics.REFUSED.labels("shutting_down").inc()
-            await socket.close(code=CloseCode.TRY_AGAIN_LATER)
-            return
-        if not self.origin_allowed(socket.headers.get("origin")):
-            metrics.REFUSED.labels("origin").inc()
-            await socket.close(code=CloseCode.POLICY)  # before accept: HTTP 403
-            return
-        raw_user = socket.query_params.get("user") or ""
-        user = sanitize_user(raw_user) or f"guest-{id(socket) % 100000:05d}"
-        await socket.accept()
-        conn = Conn(
-            socket.send,
-            user=user,
-            verified=False,
-            maxlen=self.settings.send_queue,
-            slow_timeout=self.settings.slow_client_timeout,
-        )
-        conn.inflight = asyncio.Semaphore(self.settings.max_inflight)
-        conn.start()
-        self.hub.add(conn)
-        metrics.CONNECTIONS_TOTAL.inc()
-        session = Session(self, conn)
-        session.send(encode_frame("hello", {"user": user, "verified": False}))
-        reader = asyncio.create_task(self._read_loop(socket, session), name=f"reader-{user}")
-        closer = asyncio.create_task(conn.closed.wait())
-        try:
-            await asyncio.wait({reader, closer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            reader.cancel()
-            closer.cancel()
-            self.hub.remove(conn)
-            if conn.close_code != CloseCode.GOING_AWAY:
-                await conn.flush(0.5)
-            await conn.stop()
-            if socket.connection_state != "disconnect":
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(socket.close(code=conn.close_code), 1.0)
-
-    async def _read_loop(self, socket: WebSocket[Any, Any, Any], session: Session) -> None:
-        conn = session.conn
-        try:
-            while True:
-                event = await socket.receive()
-                if event["type"] == "websocket.disconnect":
-                    break
-                text = event.get("text")
-                if not isinstance(text, str):
-                    metrics.CLIENT_ERRORS.labels(ErrorCode.BAD_FRAME.value).inc()
-                    conn.offer(
-                        error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted").decode()
-                    )
-                    continue
-                await session.handle_text(text)
-        finally:
-            conn.shut(CloseCode.GOING_AWAY if not conn.closed.is_set() else conn.close_code)
-
 
 def _index_html() -> bytes:
     return resources.files("gateway").joinpath("static/index.html").read_bytes()
@@ -193,7 +134,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
 
     @websocket("/ws")
     async def ws(socket: WebSocket[Any, Any, Any]) -> None:
-        await gw.serve_ws(socket)
+        await serve_ws(gw, socket)
 
     @get("/", media_type=MediaType.HTML, sync_to_thread=False, include_in_schema=False)
     def index() -> Response[bytes]:

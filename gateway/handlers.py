@@ -19,6 +19,7 @@ from proto.frames import FrameError, encode_frame, error_frame
 from proto.svc import REPLAY_PAGE_MAX, PresenceMembers
 
 from . import metrics
+from .auth import Identity
 from .conn import Conn
 
 if TYPE_CHECKING:
@@ -30,9 +31,10 @@ log = logging.getLogger("roombus.gateway.handlers")
 class Session:
     """The protocol state of one connection: its rooms, and frame dispatch."""
 
-    def __init__(self, gw: Gateway, conn: Conn) -> None:
+    def __init__(self, gw: Gateway, conn: Conn, identity: Identity) -> None:
         self.gw = gw
         self.conn = conn
+        self.identity = identity
         self.last_typing: dict[str, float] = {}
 
     def send(self, frame: bytes) -> None:
@@ -73,6 +75,8 @@ class Session:
                 await self.on_presence(frame.data)
             case f.Typing():
                 await self.on_typing(frame.data)
+            case f.Auth():
+                raise FrameError(ErrorCode.INVALID, "already authenticated")
             case _:
                 raise FrameError(
                     ErrorCode.UNKNOWN_TYPE, f"{frame.type!r} is not served by this gateway"
@@ -81,6 +85,8 @@ class Session:
     # -- rooms ------------------------------------------------------------------------
     async def on_join(self, data: f.JoinData) -> None:
         conn, room = self.conn, data.room
+        if not self.identity.may_use(room):
+            raise FrameError(ErrorCode.FORBIDDEN, f"you may not join room {room!r}")
         if room not in conn.rooms and len(conn.rooms) >= self.gw.settings.max_rooms:
             raise FrameError(
                 ErrorCode.TOO_MANY_ROOMS, f"at most {self.gw.settings.max_rooms} rooms"

@@ -15,5 +15,8 @@ def run(settings: GatewaySettings) -> None:
         create_app(settings),
         settings,
         ws_max_size=settings.max_frame_bytes,
+        # Compression costs CPU per client and invites decompression bombs.
         ws_per_message_deflate=False,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
     )

@@ -51,6 +51,7 @@ class Publisher:
                 ttl=self.settings.client_id_ttl,
                 history=1,
                 storage=StorageType.FILE,
+                replicas=self.settings.client_id_replicas,
             ),
         )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
 
 from services.settings import ServiceSettings
 
@@ -12,9 +14,41 @@ class GatewaySettings(ServiceSettings):
 
     port: int = Field(default=8080, ge=0, le=65535)
     """HTTP/WebSocket port of the gateway."""
+    roombus_auth: Literal["none", "jwt"] = "none"
+    """``none``: the client names itself (``?user=``, sanitized, shown unverified; development).
+    ``jwt``: a signed token's ``sub`` is the user (``?token=`` or a first ``auth`` frame)."""
+    jwt_secret: SecretStr | None = None
+    """HS256 shared secret (ROOMBUS_AUTH=jwt)."""
+    jwt_public_key: str | None = None
+    """RS256 public key: PEM text or a path to a PEM file (ROOMBUS_AUTH=jwt)."""
+    jwt_audience: str | None = None
+    """Required ``aud`` claim, when set."""
+    jwt_issuer: str | None = None
+    """Required ``iss`` claim, when set."""
+    jwt_rooms_claim: str = "rooms"
+    """Claim listing the room patterns (``team-*``) the user may join and send to; a token
+    without it may use every room."""
+    jwt_leeway: float = Field(default=5.0, ge=0, le=300)
+    """Seconds of clock skew tolerated on ``exp`` / ``nbf``."""
+    auth_timeout: float = Field(default=5.0, gt=0, le=120)
+    """Seconds a client may take to send its ``auth`` frame when no ``?token=`` was given."""
     allowed_origins: str = "localhost,127.0.0.1,[::1]"
     """Comma-separated hosts (any port) whose pages may open a WebSocket; ``*`` allows all.
     Requests without an ``Origin`` header (backends, CLIs) are not refused for that."""
+    max_connections: int = Field(default=20_000, ge=1)
+    """Open WebSocket connections per gateway; beyond, new ones are closed with 4029."""
+    max_connections_per_ip: int = Field(default=200, ge=1)
+    """Open connections per client address; beyond, new ones are closed with 4029."""
+    rate_limit: float = Field(default=20.0, gt=0)
+    """Frames per second a connection may send (token bucket; ``rate_limited`` beyond)."""
+    rate_burst: int = Field(default=40, ge=1)
+    """Frames a connection may send in a burst above ``rate_limit``."""
+    idle_timeout: float = Field(default=300.0, gt=0)
+    """Seconds without any frame from the client before close 4009 (0 < value)."""
+    ws_ping_interval: float = Field(default=20.0, gt=0)
+    """Seconds between WebSocket pings the gateway sends."""
+    ws_ping_timeout: float = Field(default=20.0, gt=0)
+    """Seconds to wait for a pong before the connection is dropped."""
     max_rooms: int = Field(default=32, ge=1, le=10_000)
     """Rooms one connection may be in at once."""
     max_frame_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
@@ -38,6 +72,9 @@ class GatewaySettings(ServiceSettings):
     """Unacked messages per connection; beyond it the gateway stops reading that socket."""
     client_id_ttl: float = Field(default=3600, gt=0)
     """Seconds a ``client_id`` keeps mapping to the same message id (retries across gateways)."""
+    client_id_replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of the ``client_ids`` bucket: 1 on a single server, 3 on a cluster
+    (with 1, sends that carry a ``client_id`` fail while the node holding it is down)."""
     replay_buffer: int = Field(default=10_000, ge=100)
     """Live messages held per joining client while its ``since`` replay is read."""
     presence_ttl: float = Field(default=15.0, ge=1, le=3600)
@@ -49,3 +86,9 @@ class GatewaySettings(ServiceSettings):
     """Seconds between two ``typing`` signals a connection may send for one room."""
     dedupe_window: int = Field(default=65_536, ge=1024, le=10_000_000)
     """Recent message ids remembered to suppress a retried message's second fan-out."""
+
+    @model_validator(mode="after")
+    def _auth_keys(self) -> GatewaySettings:
+        if self.roombus_auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
+            raise ValueError("ROOMBUS_AUTH=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256)")
+        return self

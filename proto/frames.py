@@ -54,8 +54,19 @@ class EventsData(_Data):
     events: list[EventType] = Field(min_length=1, max_length=EVENTS_PER_FRAME_MAX)
 
 
+class AuthData(_Data):
+    token: str = Field(min_length=1, max_length=8192)
+
+
 class _Frame(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Auth(_Frame):
+    """First frame of a connection that gave no ``?token=`` (ROOMBUS_AUTH=jwt)."""
+
+    type: Literal["auth"]
+    data: AuthData
 
 
 class Join(_Frame):
@@ -104,11 +115,11 @@ class Unsubscribe(_Frame):
 
 
 ClientFrame = Annotated[
-    Join | Leave | Chat | History | Presence | Typing | Dm | Subscribe | Unsubscribe,
+    Auth | Join | Leave | Chat | History | Presence | Typing | Dm | Subscribe | Unsubscribe,
     Field(discriminator="type"),
 ]
 CLIENT_FRAME_TYPES = frozenset(
-    ("join", "leave", "chat.message", "history", "presence", "typing", "dm", "subscribe")
+    ("auth", "join", "leave", "chat.message", "history", "presence", "typing", "dm", "subscribe")
     + ("unsubscribe",)
 )
 _client_frame: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)

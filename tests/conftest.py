@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import client as ws_client
+from tests.support.cluster import NatsCluster, start_cluster
 from tests.support.procs import NatsServer, RedisServer, ServiceProc
 
 
@@ -26,6 +27,14 @@ def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(store_dir=tmp_path / "nats").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-server nodes forming a JetStream cluster, meta leader elected."""
+    cluster = start_cluster(tmp_path / "cluster")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -54,12 +63,23 @@ def services(tmp_path: Path) -> Iterator[ServiceFactory]:
     started: list[ServiceProc] = []
 
     def start(
-        service: str, nats: NatsServer | str, *args: str, wait: bool = True, **env: object
+        service: str,
+        nats: NatsServer | NatsCluster | str,
+        *args: str,
+        wait: bool = True,
+        **env: object,
     ) -> ServiceProc:
         url = nats if isinstance(nats, str) else nats.url
+        # Tests blast hundreds of frames a second; the rate-limit tests set their own.
+        defaults = {"RATE_LIMIT": "100000", "RATE_BURST": "100000"} if service == "gateway" else {}
         proc = ServiceProc(
             service,
-            env={"NATS_URL": url, "LOG_LEVEL": "info", **{k: str(v) for k, v in env.items()}},
+            env={
+                "NATS_URL": url,
+                "LOG_LEVEL": "info",
+                **defaults,
+                **{k: str(v) for k, v in env.items()},
+            },
             logdir=tmp_path / "logs",
             args=list(args),
         )

@@ -1,0 +1,189 @@
+"""One WebSocket connection from upgrade to close: admission, auth, limits, read loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from litestar import WebSocket
+
+from proto.errors import CloseCode, ErrorCode
+from proto.frames import encode_frame, error_frame
+
+from . import metrics
+from .auth import AuthError, Identity
+from .conn import Conn
+from .handlers import Session
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("roombus.gateway.ws")
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def client_ip(socket: WebSocket[Any, Any, Any]) -> str:
+    client = socket.scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+async def refuse(socket: WebSocket[Any, Any, Any], code: CloseCode, reason: str) -> None:
+    """Accept only to close with an application code the client can read."""
+    metrics.REFUSED.labels(code.name.lower()).inc()
+    with contextlib.suppress(Exception):
+        await socket.accept()
+        await socket.close(code=code, reason=reason[:120])
+
+
+async def serve_ws(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
+    s = gw.settings
+    if not gw.accepting:
+        await refuse(socket, CloseCode.SERVICE_RESTART, "server is shutting down")
+        return
+    if not gw.origin_allowed(socket.headers.get("origin")):
+        metrics.REFUSED.labels("origin").inc()
+        await socket.close(code=CloseCode.POLICY)  # before accept: the browser gets HTTP 403
+        return
+    ip = client_ip(socket)
+    if len(gw.hub.conns) >= s.max_connections:
+        await refuse(socket, CloseCode.TOO_MANY_CONNECTIONS, "gateway is full, try another")
+        return
+    if gw.per_ip.get(ip, 0) >= s.max_connections_per_ip:
+        await refuse(socket, CloseCode.TOO_MANY_CONNECTIONS, "too many connections from you")
+        return
+    gw.per_ip[ip] = gw.per_ip.get(ip, 0) + 1
+    try:
+        await _serve(gw, socket)
+    finally:
+        left = gw.per_ip.get(ip, 1) - 1
+        if left > 0:
+            gw.per_ip[ip] = left
+        else:
+            gw.per_ip.pop(ip, None)
+
+
+async def _authenticate(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> Identity:
+    if gw.auth.mode == "none":
+        fallback = f"guest-{id(socket) % 100000:05d}"
+        return gw.auth.anonymous(socket.query_params.get("user") or "", fallback)
+    token = socket.query_params.get("token")
+    if token:
+        return gw.auth.verify(token)
+    # No token in the URL (it would land in access logs): the first frame must carry it.
+    try:
+        async with asyncio.timeout(gw.settings.auth_timeout):
+            event = await socket.receive()
+    except TimeoutError:
+        raise AuthError(CloseCode.UNAUTHORIZED, "no auth frame in time") from None
+    text = event.get("text") if event["type"] == "websocket.receive" else None
+    try:
+        frame = orjson.loads(text) if isinstance(text, str) else None
+    except orjson.JSONDecodeError:
+        frame = None
+    data = frame.get("data") if isinstance(frame, dict) and frame.get("type") == "auth" else None
+    if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+        raise AuthError(CloseCode.UNAUTHORIZED, 'first frame must be {"type":"auth",...}')
+    return gw.auth.verify(data["token"])
+
+
+async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
+    s = gw.settings
+    await socket.accept()
+    try:
+        identity = await _authenticate(gw, socket)
+    except AuthError as exc:
+        metrics.REFUSED.labels("auth").inc()
+        with contextlib.suppress(Exception):
+            await socket.close(code=exc.code, reason=exc.reason[:120])
+        return
+    conn = Conn(
+        socket.send,
+        user=identity.user,
+        verified=identity.verified,
+        maxlen=s.send_queue,
+        slow_timeout=s.slow_client_timeout,
+    )
+    conn.inflight = asyncio.Semaphore(s.max_inflight)
+    conn.start()
+    gw.hub.add(conn)
+    metrics.CONNECTIONS_TOTAL.inc()
+    session = Session(gw, conn, identity)
+    session.send(encode_frame("hello", {"user": identity.user, "verified": identity.verified}))
+    expiry: asyncio.TimerHandle | None = None
+    left = gw.auth.seconds_left(identity)
+    if left is not None:
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, left), conn.shut, CloseCode.TOKEN_EXPIRED
+        )
+    reader = asyncio.create_task(_read_loop(gw, socket, session), name=f"reader-{identity.user}")
+    closer = asyncio.create_task(conn.closed.wait())
+    try:
+        await asyncio.wait({reader, closer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        reader.cancel()
+        closer.cancel()
+        gw.hub.remove(conn)
+        if conn.close_code != CloseCode.GOING_AWAY:
+            await conn.flush(0.5)
+        await conn.stop()
+        if socket.connection_state != "disconnect":
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(socket.close(code=conn.close_code), 1.0)
+
+
+async def _read_loop(gw: Gateway, socket: WebSocket[Any, Any, Any], session: Session) -> None:
+    conn = session.conn
+    s = gw.settings
+    bucket = TokenBucket(s.rate_limit, s.rate_burst)
+    last_rate_error = 0.0
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(s.idle_timeout):
+                    event = await socket.receive()
+            except TimeoutError:
+                conn.shut(CloseCode.IDLE_TIMEOUT)
+                return
+            if event["type"] == "websocket.disconnect":
+                return
+            if not bucket.take():
+                metrics.DROPPED.labels("rate_limited").inc()
+                now = time.monotonic()
+                if now - last_rate_error >= 1.0:  # one error a second, not one per frame
+                    last_rate_error = now
+                    session.error(ErrorCode.RATE_LIMITED, f"at most {s.rate_limit:g} frames/s")
+                continue
+            text = event.get("text")
+            if not isinstance(text, str):
+                metrics.CLIENT_ERRORS.labels(ErrorCode.BAD_FRAME.value).inc()
+                conn.offer(
+                    error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted").decode()
+                )
+                continue
+            await session.handle_text(text)
+    finally:
+        conn.shut(conn.close_code if conn.closed.is_set() else CloseCode.GOING_AWAY)
