@@ -34,6 +34,10 @@ class TokenBucket:
         self.rate, self.burst = rate, float(burst)
         self.tokens, self.stamp = float(burst), time.monotonic()
 
+    def wait_time(self) -> float:
+        """Seconds until the next token."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
     def take(self) -> bool:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -176,6 +180,9 @@ async def _read_loop(gw: Gateway, socket: WebSocket[Any, Any, Any], session: Ses
                 if now - last_rate_error >= 1.0:  # one error a second, not one per frame
                     last_rate_error = now
                     session.error(ErrorCode.RATE_LIMITED, f"at most {s.rate_limit:g} frames/s")
+                # Stop reading this socket until a token is due: a flood then waits in the
+                # flooder's own buffers (TCP backpressure) instead of costing us CPU per frame.
+                await asyncio.sleep(bucket.wait_time())
                 continue
             text = event.get("text")
             if not isinstance(text, str):
