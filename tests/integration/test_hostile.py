@@ -77,6 +77,7 @@ ROOM = "lobby"
 BAD_ROOMS = ["a.b", "*", ">", "room with space", "tab\there", "nul\x00", "", "x" * 65,
              "caf\u00e9", "\u0430dmin", "room.*.message"]  # fmt: skip
 
+
 def _join(room: str) -> str | bytes:
     return json.dumps({"type": "join", "data": {"room": room}})
 
@@ -108,10 +109,7 @@ FRAME_CASES: list[tuple[str, list[str | bytes], str]] = [
         "text_too_long",
     ),
     ("empty-text", ['{"type":"chat.message","data":{"room":"lobby","text":""}}'], "invalid"),
-    *[
-        (f"bad-room-{i}", [_join(r)], "bad_name")
-        for i, r in enumerate(BAD_ROOMS)
-    ],
+    *[(f"bad-room-{i}", [_join(r)], "bad_name") for i, r in enumerate(BAD_ROOMS)],
     (
         "send-to-room-not-joined",
         ['{"type":"chat.message","data":{"room":"elsewhere","text":"x"}}'],
@@ -199,7 +197,7 @@ CLOSE_CASES: list[tuple[str, str, str | None, int]] = [
     ("token-without-exp", "?token=" + jwt.encode({"sub": "x"}, SECRET, "HS256"), None, 4001),
     (
         "alg-none-token",
-        "?token=" + jwt.encode({"sub": "x", "exp": 2**33}, None, "none")  # type: ignore[arg-type],
+        "?token=" + jwt.encode({"sub": "x", "exp": 2**33}, None, "none"),  # type: ignore[arg-type]
         None,
         4001,
     ),
