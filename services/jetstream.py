@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
@@ -52,16 +53,43 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """The bucket ``config.bucket``, created when missing; an existing one is kept as is."""
+    """The bucket ``config.bucket``, created when missing.
+
+    An existing bucket keeps its data and settings, except its replica count, which is
+    brought to ``config.replicas`` (R1 -> R3 when a deployment moves onto a cluster).
+    """
     try:
-        return await js.key_value(config.bucket)
+        kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
-        pass
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError:
+            # Another process created it in between.
+            kv = await js.key_value(config.bucket)
+    await _ensure_kv_replicas(js, config)
+    return kv
+
+
+async def _ensure_kv_replicas(js: JetStreamContext, config: KeyValueConfig) -> None:
+    stream = f"KV_{config.bucket}"
+    current = (await js.stream_info(stream)).config
+    if current.num_replicas == config.replicas:
+        return
+    log.info(
+        "bucket replica count changes",
+        extra={"bucket": config.bucket, "from": current.num_replicas, "to": config.replicas},
+    )
     try:
-        return await js.create_key_value(config)
-    except BadRequestError:
-        # Another process created it in between.
-        return await js.key_value(config.bucket)
+        await js.update_stream(replace(current, num_replicas=config.replicas))
+    except (BadRequestError, APIError) as exc:
+        raise ProvisioningError(
+            stream,
+            f"bucket {config.bucket!r} has replicas={current.num_replicas} and cannot be "
+            f"changed to {config.replicas} ({exc.description}). A cluster needs at least as "
+            "many JetStream-enabled nodes as replicas: set the replica setting back to "
+            f"{current.num_replicas}, or add nodes, or `nats kv del {config.bucket}` (its "
+            "keys are short-lived) and restart to recreate it.",
+        ) from exc
 
 
 def presence_bucket_config(replicas: int, marker_ttl: float) -> KeyValueConfig:

@@ -1,0 +1,91 @@
+"""A three-node JetStream cluster on free loopback ports, and what tests ask it.
+
+The nodes are ``services.natsserver.NatsCluster`` (also behind ``roombus up --nats-cluster``):
+each has its own store dir and config file, routes to every node, and a monitoring port.
+``start()`` returns once the routes are up and the JetStream meta leader is elected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+
+from services.natsserver import NatsCluster, NatsServer
+
+__all__ = [
+    "NatsCluster",
+    "local_stream_state",
+    "move_leader_off",
+    "start_cluster",
+    "stream_leader",
+]
+
+
+def start_cluster(base_dir: Path, size: int = 3) -> NatsCluster:
+    return NatsCluster(base_dir=base_dir, size=size).start(timeout=45)
+
+
+async def stream_leader(urls: str, stream: str, timeout: float = 20.0) -> str:
+    """Server name of ``stream``'s current leader (``cluster.leader`` of its info).
+
+    Waits through an election (a stream or the meta group without a leader for a while).
+    """
+    nc = await nats.connect(urls.split(","), connect_timeout=2, max_reconnect_attempts=2)
+    js = nc.jetstream(timeout=2)
+    deadline = time.monotonic() + timeout
+    last: object = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                info = await js.stream_info(stream)
+                last = info.cluster
+                if info.cluster is not None and info.cluster.leader:
+                    return info.cluster.leader
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                last = exc
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    raise AssertionError(f"stream {stream} has no leader after {timeout}s: {last!r}")
+
+
+async def move_leader_off(urls: str, stream: str, server: str) -> str:
+    """Make ``stream``'s leader some node other than ``server``; returns the leader."""
+    leader = await stream_leader(urls, stream)
+    if leader != server:
+        return leader
+    nc = await nats.connect(urls.split(","), connect_timeout=2)
+    try:
+        reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=5)
+    finally:
+        await nc.close()
+    assert b'"success":true' in reply.data.replace(b" ", b""), reply.data
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        leader = await stream_leader(urls, stream)
+        if leader != server:
+            return leader
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{stream}: leadership did not move off {server}")
+
+
+def local_stream_state(node: NatsServer, stream: str) -> dict[str, Any] | None:
+    """The state of ``node``'s own replica of ``stream``, from its ``/jsz`` endpoint.
+
+    Monitoring answers from the node's local store, not from the leader: this is how a
+    restarted node shows it has caught up (``messages``, ``first_seq``, ``last_seq``).
+    ``None`` while the node does not host the stream (yet).
+    """
+    jsz = node.monitor("/jsz?accounts=true&streams=true")
+    for account in jsz.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream:
+                state: dict[str, Any] = detail.get("state") or {}
+                return state
+    return None
