@@ -15,6 +15,12 @@ from proto import subjects
 log = logging.getLogger("roombus.jetstream")
 
 
+REPLICAS_ADVICE = (
+    "Replicas must be 1 on a single nats-server and at most the number of JetStream nodes "
+    "of a cluster (3 on the usual three-node cluster): fix the service's *_REPLICAS setting."
+)
+
+
 class ProvisioningError(RuntimeError):
     """A stream could not be brought to the wanted configuration; says what to do."""
 
@@ -31,7 +37,14 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         info = await js.stream_info(name)
     except NotFoundError:
-        await js.add_stream(config)
+        try:
+            await js.add_stream(config)
+        except (BadRequestError, APIError) as exc:
+            raise ProvisioningError(
+                name,
+                f"cannot create it with replicas={config.num_replicas} ({exc.description}). "
+                + REPLICAS_ADVICE,
+            ) from exc
         log.info("stream created", extra={"stream": name})
         return
     current = info.config
@@ -46,8 +59,10 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         raise ProvisioningError(
             name,
             f"cannot update to the configured settings ({exc.description}). Current: "
-            f"replicas={current.num_replicas}, storage={current.storage}. Change the setting "
-            "back, or migrate: `nats stream edit` / `nats stream backup` then recreate.",
+            f"replicas={current.num_replicas}, storage={current.storage}. "
+            + (REPLICAS_ADVICE + " " if current.num_replicas != config.num_replicas else "")
+            + "Change the setting back, or migrate: `nats stream edit` / `nats stream backup` "
+            "then recreate.",
         ) from exc
     log.info("stream up to date", extra={"stream": name})
 
@@ -63,9 +78,15 @@ async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     except BucketNotFoundError:
         try:
             return await js.create_key_value(config)
-        except BadRequestError:
-            # Another process created it in between.
-            kv = await js.key_value(config.bucket)
+        except APIError as exc:
+            try:  # another process created it in between?
+                kv = await js.key_value(config.bucket)
+            except BucketNotFoundError:
+                raise ProvisioningError(
+                    f"KV_{config.bucket}",
+                    f"cannot create bucket {config.bucket!r} with replicas={config.replicas}"
+                    f" ({exc.description}). {REPLICAS_ADVICE}",
+                ) from exc
     await _ensure_kv_replicas(js, config)
     return kv
 
@@ -85,10 +106,9 @@ async def _ensure_kv_replicas(js: JetStreamContext, config: KeyValueConfig) -> N
         raise ProvisioningError(
             stream,
             f"bucket {config.bucket!r} has replicas={current.num_replicas} and cannot be "
-            f"changed to {config.replicas} ({exc.description}). A cluster needs at least as "
-            "many JetStream-enabled nodes as replicas: set the replica setting back to "
-            f"{current.num_replicas}, or add nodes, or `nats kv del {config.bucket}` (its "
-            "keys are short-lived) and restart to recreate it.",
+            f"changed to {config.replicas} ({exc.description}). {REPLICAS_ADVICE} Or set it "
+            f"back to {current.num_replicas}, or `nats kv del {config.bucket}` (its keys are "
+            "short-lived) and restart to recreate it.",
         ) from exc
 
 

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import nats
 import pytest
 
 from tests.conftest import ServiceFactory
@@ -26,8 +27,6 @@ from tests.support.cluster import (
 )
 from tests.support.procs import NatsServer, ServiceProc, wait_for
 from tests.support.stored import stored_messages
-
-pytestmark = pytest.mark.slow
 
 R3 = {"HISTORY_REPLICAS": 3, "PRESENCE_REPLICAS": 3, "CLIENT_ID_REPLICAS": 3}
 PACE = 0.04  # seconds between two sends of one sender: 4 senders, ~100 messages/s
@@ -173,7 +172,9 @@ def survivor(cluster: NatsCluster, down: NatsServer) -> NatsServer:
     return next(n for n in cluster.nodes if n is not down and n.alive())
 
 
-async def check_stored_once(traffic: Traffic, node: NatsServer) -> tuple[int, int, list[dict[str, object]]]:
+async def check_stored_once(
+    traffic: Traffic, node: NatsServer
+) -> tuple[int, int, list[dict[str, object]]]:
     """(acked, acked-but-lost, errors); asserts no stored duplicate."""
     acked, errors = traffic.check_clients()
     stored = await stored_messages(node.url, traffic.room)
@@ -189,6 +190,7 @@ async def leaders(cluster: NatsCluster) -> dict[str, str]:
     return {s: await stream_leader(cluster.url, s) for s in STREAMS}
 
 
+@pytest.mark.slow
 async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
     nats_cluster: NatsCluster, services: ServiceFactory, room: str
 ) -> None:
@@ -236,6 +238,7 @@ async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
     )
 
 
+@pytest.mark.slow
 async def test_kill_9_of_a_non_leader_node_stalls_nothing(
     nats_cluster: NatsCluster, services: ServiceFactory, room: str
 ) -> None:
@@ -265,6 +268,7 @@ async def test_kill_9_of_a_non_leader_node_stalls_nothing(
     assert stall < 3
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="gateway/publisher.py Publisher.message_id fails at once while client_ids has no"
@@ -291,3 +295,59 @@ async def test_sends_while_the_client_ids_leader_fails_over_are_delayed_not_reje
     )
     assert lost == 0
     assert errors == [], errors[:3]
+
+
+async def replicas(urls: list[str], *streams: str) -> dict[str, int]:
+    nc = await nats.connect(urls)
+    try:
+        js = nc.jetstream()
+        return {s: (await js.stream_info(s)).config.num_replicas or 1 for s in streams}
+    finally:
+        await nc.close()
+
+
+def exits_saying(proc: ServiceProc, text: str) -> None:
+    wait_for(lambda: not proc.alive(), 20, f"{proc.service} to exit")
+    assert text in proc.log(), proc.log()
+
+
+async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_place(
+    nats_cluster: NatsCluster, services: ServiceFactory, room: str
+) -> None:
+    r1 = {"HISTORY_REPLICAS": 1, "PRESENCE_REPLICAS": 1, "CLIENT_ID_REPLICAS": 1}
+    first = [services(s, nats_cluster, **r1) for s in ("history", "presence", "gateway")]
+    c = await Client.open(first[-1].ws_url, "a")
+    await c.join(room)
+    await c.send("chat.message", room=room, text="kept", client_id="k1")
+    await c.next("ack", client_id="k1")
+    await c.close()
+    for proc in first:
+        assert proc.terminate() == 0
+    assert set((await replicas(nats_cluster.urls, *STREAMS)).values()) == {1}
+
+    # Moving onto R3: the same stream and buckets, updated in place, data kept.
+    h = services("history", nats_cluster, **R3)
+    services("presence", nats_cluster, **R3)
+    g = services("gateway", nats_cluster, **R3)
+    assert await replicas(nats_cluster.urls, *STREAMS) == dict.fromkeys(STREAMS, 3)
+    c = await Client.open(g.ws_url, "a")
+    await c.join(room)
+    await c.send("chat.message", room=room, text="after", client_id="k2")
+    await c.next("ack", client_id="k2")
+    stored = await stored_messages(nats_cluster.nodes[0].url, room)
+    assert [m["text"] for m in stored] == ["kept", "after"]
+    assert "stream replica count changes" in h.log()
+
+    # More replicas than nodes: the service refuses to start and says what to do.
+    bad = services("history", nats_cluster, wait=False, HISTORY_REPLICAS=5)
+    exits_saying(bad, "at most the number of JetStream nodes")
+    assert (await replicas(nats_cluster.urls, HISTORY))[HISTORY] == 3
+
+
+async def test_replicas_above_1_on_a_single_server_is_a_clear_error(
+    fresh_nats: NatsServer, services: ServiceFactory
+) -> None:
+    h = services("history", fresh_nats, wait=False, HISTORY_REPLICAS=3)
+    exits_saying(h, "Replicas must be 1 on a single nats-server")
+    p = services("presence", fresh_nats, wait=False, PRESENCE_REPLICAS=3)
+    exits_saying(p, "Replicas must be 1 on a single nats-server")
