@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .natsserver import NatsServer, die_with_parent
+from .natsserver import NatsCluster, NatsServer, die_with_parent
 
 RESTARTS_MAX = 5
 
@@ -40,6 +40,15 @@ def add_up_parser(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="interface the gateways bind")
     p.add_argument("--nats-port", type=int, default=None, help="default 4222, or a free port")
+    p.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        choices=[1, 3, 5],
+        metavar="N",
+        help="run N nats-server nodes as one JetStream cluster (routes on loopback) with R3"
+        " storage; client ports --nats-port.. --nats-port+N-1 (default 1: a single server)",
+    )
     p.add_argument("--gateways", type=int, default=2, help="gateway processes (default 2)")
     p.add_argument("--gateway-port", type=int, default=8080, help="first gateway port")
     p.add_argument("--history", type=int, default=2, help="history replicas (default 2)")
@@ -70,11 +79,15 @@ class Child:
 def run_up(args: dict[str, Any]) -> int:
     data_dir = Path(args["data_dir"]).resolve()
     nats_port = args["nats_port"]
+    size = args.get("nats_cluster") or 1
     if nats_port is None:
-        nats_port = 4222 if port_free(4222) else free_port()
-    elif not port_free(nats_port):
-        print(f"roombus up: NATS port {nats_port} is taken", file=sys.stderr)
+        nats_port = 4222 if all(port_free(4222 + i) for i in range(size)) else None
+        nats_ports = [nats_port + i if nats_port else free_port() for i in range(size)]
+    elif not all(port_free(nats_port + i) for i in range(size)):
+        print(f"roombus up: NATS port {nats_port} (or one after it) is taken", file=sys.stderr)
         return 2
+    else:
+        nats_ports = [nats_port + i for i in range(size)]
     gw_ports = [args["gateway_port"] + i for i in range(args["gateways"])]
     for port in gw_ports:
         if not port_free(port, args["host"]):
@@ -90,9 +103,25 @@ def run_up(args: dict[str, Any]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    nats = NatsServer(store_dir=data_dir / "nats", port=nats_port, name="roombus-local")
-    nats.start(pdeathsig=True)
-    env = {**os.environ, "NATS_URL": nats.url}
+    if size == 1:
+        nats = NatsServer(store_dir=data_dir / "nats", port=nats_ports[0], name="roombus-local")
+        nats.start(pdeathsig=True)
+        brokers, nats_url, store = [nats], nats.url, nats.store_dir
+        env = {**os.environ, "NATS_URL": nats_url}
+    else:
+        cluster = NatsCluster(
+            base_dir=data_dir / "nats-cluster",
+            size=size,
+            name="roombus-local",
+            client_ports=nats_ports,
+        )
+        cluster.start(pdeathsig=True)
+        brokers, nats_url, store = cluster.nodes, cluster.url, cluster.base_dir
+        # Every service gets every node's URL; the JetStream assets are R3. The user's
+        # own environment wins over these defaults.
+        r = str(min(3, size))
+        replicas = {"HISTORY_REPLICAS": r, "PRESENCE_REPLICAS": r, "CLIENT_ID_REPLICAS": r}
+        env = {**replicas, **os.environ, "NATS_URL": nats_url}
     py = [sys.executable, "-m", "services.cli"]
     children = [
         Child(
@@ -122,11 +151,17 @@ def run_up(args: dict[str, Any]) -> int:
 
     print(
         "\nroombus is up\n"
-        f"  NATS:      {nats.url}  (store {nats.store_dir})\n"
+        + (f"  NATS:      {nats_url}  (store {store})\n" if size == 1 else "")
+        + (
+            f"  NATS:      cluster of {size} (JetStream R{env.get('HISTORY_REPLICAS')}), store"
+            f" {store}\n" + "".join(f"             {n.url}\n" for n in brokers)
+            if size > 1
+            else ""
+        )
         + "".join(f"  chat page: http://{args['host']}:{p}/\n" for p in gw_ports)
         + f"  history:   {args['history']} replicas (stream HISTORY)\n"
         + "  presence:  1 (bucket presence)\n"
-        + f"  watch:     nats sub 'room.>' --server {nats.url}\n"
+        + f"  watch:     nats sub 'room.>' --server {nats_url}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )
@@ -134,10 +169,19 @@ def run_up(args: dict[str, Any]) -> int:
     try:
         while not stopping:
             time.sleep(0.2)
-            if nats.proc is not None and nats.proc.poll() is not None:
+            down = [b for b in brokers if b.proc is not None and b.proc.poll() is not None]
+            if down and size == 1:
                 print("roombus up: nats-server exited; stopping", file=sys.stderr)
                 code = 1
                 break
+            for node in down if not stopping else []:
+                # The cluster keeps serving; the node comes back and catches up.
+                print(f"roombus up: NATS node {node.name} exited; restarting", file=sys.stderr)
+                try:
+                    node.start(pdeathsig=True)
+                except (RuntimeError, TimeoutError) as exc:
+                    print(f"roombus up: {node.name} did not restart: {exc}", file=sys.stderr)
+                    stopping, code = True, 1
             for child in children:
                 if not child.alive() and not stopping:
                     now = time.monotonic()
@@ -163,6 +207,7 @@ def run_up(args: dict[str, Any]) -> int:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
-        nats.stop()
+        for broker in brokers:
+            broker.stop()
         print("roombus up: stopped", file=sys.stderr, flush=True)
     return code

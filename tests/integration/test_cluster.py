@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
 import pytest
 
 from tests.conftest import ServiceFactory
+from tests.integration.test_stack import _alive, _descendants, _free, _open_when_up
 from tests.support.client import Client
 from tests.support.cluster import (
     NatsCluster,
@@ -25,7 +30,7 @@ from tests.support.cluster import (
     move_leader_off,
     stream_leader,
 )
-from tests.support.procs import NatsServer, ServiceProc, wait_for
+from tests.support.procs import ROOT, NatsServer, ServiceProc, free_port, wait_for
 from tests.support.stored import stored_messages
 
 R3 = {"HISTORY_REPLICAS": 3, "PRESENCE_REPLICAS": 3, "CLIENT_ID_REPLICAS": 3}
@@ -351,3 +356,46 @@ async def test_replicas_above_1_on_a_single_server_is_a_clear_error(
     exits_saying(h, "Replicas must be 1 on a single nats-server")
     p = services("presence", fresh_nats, wait=False, PRESENCE_REPLICAS=3)
     exits_saying(p, "Replicas must be 1 on a single nats-server")
+
+
+@pytest.mark.slow
+async def test_roombus_up_nats_cluster_3_runs_the_stack_on_r3_and_ctrl_c_stops_all(
+    tmp_path: Path, room: str
+) -> None:
+    port = free_port()
+    while not all(_free(p) for p in (port, port + 1)):
+        port = free_port()
+    nats_port = free_port()
+    while not all(_free(nats_port + i) for i in range(3)):
+        nats_port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "services.cli", "up", "--nats-cluster", "3"),
+            *("--nats-port", str(nats_port), "--gateway-port", str(port)),
+            *("--data-dir", str(tmp_path / "stack")),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        a = await _open_when_up(f"ws://127.0.0.1:{port}/ws", "a")
+        b = await _open_when_up(f"ws://127.0.0.1:{port + 1}/ws", "b")
+        await a.join(room)
+        await b.join(room)
+        await a.send("chat.message", room=room, text="on a cluster", client_id="c1")
+        await b.wait_texts(["on a cluster"])
+        await a.next("ack", client_id="c1")
+        urls = [f"nats://127.0.0.1:{nats_port + i}" for i in range(3)]
+        assert await replicas(urls, *STREAMS) == dict.fromkeys(STREAMS, 3)
+        family = _descendants(proc.pid)
+        assert len(family) >= 8  # 3 nats-server nodes, 2 gateways, 2 history, presence
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.decode(errors="replace")
+    assert "cluster of 3" in text and all(u in text for u in urls), text[-3000:]
+    assert proc.returncode == 0, text[-3000:]
+    wait_for(lambda: not any(_alive(p) for p in family), 10, "no orphan processes")
