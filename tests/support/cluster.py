@@ -8,6 +8,7 @@ each has its own store dir and config file, routes to every node, and a monitori
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from services.natsserver import NatsCluster, NatsServer
 
 __all__ = [
     "NatsCluster",
+    "local_leader_view",
     "local_stream_state",
+    "move_leader",
     "move_leader_off",
+    "new_leader",
     "start_cluster",
     "stream_leader",
 ]
@@ -55,24 +59,61 @@ async def stream_leader(urls: str, stream: str, timeout: float = 20.0) -> str:
     raise AssertionError(f"stream {stream} has no leader after {timeout}s: {last!r}")
 
 
-async def move_leader_off(urls: str, stream: str, server: str) -> str:
-    """Make ``stream``'s leader some node other than ``server``; returns the leader."""
-    leader = await stream_leader(urls, stream)
-    if leader != server:
-        return leader
+async def new_leader(urls: str, stream: str, old: str, timeout: float = 30.0) -> str:
+    """Wait until ``stream`` reports a leader other than ``old`` (an election after a loss)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leader = await stream_leader(urls, stream, timeout=deadline - time.monotonic())
+        if leader != old:
+            return leader
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{stream}: no new leader after {old} in {timeout}s")
+
+
+async def _step_down(urls: str, stream: str, preferred: str | None) -> None:
+    body = json.dumps({"placement": {"preferred": preferred}}).encode() if preferred else b""
     nc = await nats.connect(urls.split(","), connect_timeout=2)
     try:
-        reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=5)
+        reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", body, timeout=5)
     finally:
         await nc.close()
-    assert b'"success":true' in reply.data.replace(b" ", b""), reply.data
-    deadline = time.monotonic() + 20
+    assert json.loads(reply.data).get("success"), reply.data
+
+
+async def move_leader(urls: str, stream: str, to: str) -> None:
+    """Make the node named ``to`` the leader of ``stream`` (a step-down with a preference)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if await stream_leader(urls, stream) == to:
+            return
+        await _step_down(urls, stream, to)
+        for _ in range(50):
+            if await stream_leader(urls, stream) == to:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{stream}: leadership did not move to {to}")
+
+
+async def move_leader_off(urls: str, stream: str, server: str) -> str:
+    """Make ``stream``'s leader some node other than ``server``; returns the leader."""
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         leader = await stream_leader(urls, stream)
         if leader != server:
             return leader
-        await asyncio.sleep(0.1)
+        await _step_down(urls, stream, None)
+        await asyncio.sleep(0.2)
     raise AssertionError(f"{stream}: leadership did not move off {server}")
+
+
+def _local_detail(node: NatsServer, stream: str) -> dict[str, Any] | None:
+    jsz = node.monitor("/jsz?accounts=true&streams=true")
+    for account in jsz.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream:
+                found: dict[str, Any] = detail
+                return found
+    return None
 
 
 def local_stream_state(node: NatsServer, stream: str) -> dict[str, Any] | None:
@@ -82,10 +123,12 @@ def local_stream_state(node: NatsServer, stream: str) -> dict[str, Any] | None:
     restarted node shows it has caught up (``messages``, ``first_seq``, ``last_seq``).
     ``None`` while the node does not host the stream (yet).
     """
-    jsz = node.monitor("/jsz?accounts=true&streams=true")
-    for account in jsz.get("account_details") or []:
-        for detail in account.get("stream_detail") or []:
-            if detail.get("name") == stream:
-                state: dict[str, Any] = detail.get("state") or {}
-                return state
-    return None
+    detail = _local_detail(node, stream)
+    return None if detail is None else detail.get("state") or {}
+
+
+def local_leader_view(node: NatsServer, stream: str) -> str | None:
+    """Who ``node`` currently believes leads ``stream`` (its raft view, from ``/jsz``)."""
+    detail = _local_detail(node, stream)
+    leader = ((detail or {}).get("cluster") or {}).get("leader")
+    return str(leader) if leader else None
