@@ -20,11 +20,13 @@ from proto.names import sanitize_user
 from services.bus import Bus, connect
 from services.http import health_handlers
 
+from .api import api_handlers
 from .auth import Authenticator
 from .hub import Hub
 from .presence import PresenceReporter
 from .publisher import Publisher
 from .settings import GatewaySettings
+from .sse import sse_handler
 from .ws import serve_ws
 
 log = logging.getLogger("roombus.gateway")
@@ -95,6 +97,18 @@ class Gateway:
             pending_bytes_limit=64 * 1024 * 1024,
         )
         await nc.subscribe(
+            subjects.USER_MESSAGE_WILDCARD,
+            cb=self.hub.on_user_message,
+            pending_msgs_limit=100_000,
+            pending_bytes_limit=64 * 1024 * 1024,
+        )
+        await nc.subscribe(
+            subjects.EVENT_WILDCARD,
+            cb=self.hub.on_event,
+            pending_msgs_limit=100_000,
+            pending_bytes_limit=64 * 1024 * 1024,
+        )
+        await nc.subscribe(
             subjects.ROOM_PRESENCE_WILDCARD,
             cb=self.hub.on_room_presence,
             pending_msgs_limit=100_000,
@@ -141,7 +155,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         return Response(page, media_type=MediaType.HTML)
 
     app = Litestar(
-        route_handlers=[ws, index, *health_handlers(gw.ready)],
+        route_handlers=[ws, index, sse_handler(gw), *api_handlers(gw), *health_handlers(gw.ready)],
         lifespan=[gw.lifespan],
         openapi_config=None,
         logging_config=None,

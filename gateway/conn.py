@@ -42,6 +42,7 @@ class Conn:
         "_drained",
         "_space",
         "replaying",
+        "events",
         "inflight",
     )
 
@@ -49,6 +50,7 @@ class Conn:
         self.user = user
         self.verified = verified
         self.rooms: set[str] = set()
+        self.events: set[str] = set()
         self.closed = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL
         self._send = send
@@ -67,7 +69,7 @@ class Conn:
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.user}")
 
-    def offer(self, frame: str) -> bool:
+    def offer(self, frame: str, msg_id: str | None = None) -> bool:
         """Queue ``frame`` for this client; False (and counted) when it was dropped."""
         if self.closed.is_set():
             return False
@@ -86,7 +88,7 @@ class Conn:
         self._wake.set()
         return True
 
-    async def put(self, frame: str) -> bool:
+    async def put(self, frame: str, msg_id: str | None = None) -> bool:
         """Queue ``frame``, waiting for buffer space (for replays, which must not drop).
 
         A client that makes no room within the slow-client timeout is disconnected.
@@ -102,7 +104,7 @@ class Conn:
                 metrics.SLOW_DISCONNECTS.inc()
                 self.shut(CloseCode.SLOW_CONSUMER)
                 return False
-        return self.offer(frame)
+        return self.offer(frame, msg_id)
 
     def shut(self, code: int) -> None:
         """Ask the connection to close with ``code`` (idempotent)."""

@@ -13,7 +13,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from proto import frames as f
 from proto import subjects
-from proto.bus import ChatMessage, PresenceEvent, utcnow
+from proto.bus import ChatMessage, DirectMessage, PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.frames import FrameError, encode_frame, error_frame
 from proto.svc import REPLAY_PAGE_MAX, PresenceMembers
@@ -75,6 +75,16 @@ class Session:
                 await self.on_presence(frame.data)
             case f.Typing():
                 await self.on_typing(frame.data)
+            case f.Dm():
+                await self.on_dm(frame.data)
+            case f.DmHistory():
+                await self.on_dm_history(frame.data)
+            case f.Subscribe():
+                self.on_subscribe(frame.data)
+            case f.Unsubscribe():
+                for event in frame.data.events:
+                    self.gw.hub.unsubscribe(self.conn, event)
+                self.send(encode_frame("unsubscribed", {"events": sorted(self.conn.events)}))
             case f.Auth():
                 raise FrameError(ErrorCode.INVALID, "already authenticated")
             case _:
@@ -108,7 +118,7 @@ class Session:
             held = conn.replaying.pop(room, [])
             for msg_id, frame in held:
                 if msg_id not in replayed:
-                    conn.offer(frame)
+                    conn.offer(frame, msg_id)
 
     async def replay(self, room: str, since: str, replayed: set[str]) -> None:
         after, first = since, True
@@ -129,7 +139,7 @@ class Session:
                 msg = ChatMessage.model_validate(m)
                 replayed.add(msg.id)
                 self.gw.hub.remember(msg.id)
-                if not await self.conn.put(encode_frame("chat.message", msg).decode()):
+                if not await self.conn.put(encode_frame("chat.message", msg).decode(), msg.id):
                     return
                 after = msg.id
             metrics.REPLAYED.inc(len(messages))
@@ -215,7 +225,42 @@ class Session:
         await self.conn.inflight.acquire()
         self.gw.spawn(self._publish(msg), f"publish-{msg.id}")
 
-    async def _publish(self, msg: ChatMessage) -> None:
+    async def on_dm(self, data: f.DmData) -> None:
+        if len(data.text) > self.gw.settings.text_max:
+            raise FrameError(
+                ErrorCode.TEXT_TOO_LONG, f"text is longer than {self.gw.settings.text_max}"
+            )
+        msg_id = await self.gw.publisher.message_id(self.conn.user, data.client_id)
+        dm = DirectMessage(
+            id=msg_id,
+            sender=self.conn.user,
+            to=data.to,
+            text=data.text,
+            ts=utcnow(),
+            client_id=data.client_id,
+            verified=self.conn.verified,
+        )
+        await self.conn.inflight.acquire()
+        self.gw.spawn(self._publish(dm), f"dm-{dm.id}")
+
+    async def on_dm_history(self, data: f.DmHistoryData) -> None:
+        """Only the user's own inbox: the query names the connection's user, nobody else."""
+        user = self.conn.user
+        query = {"user": user, "before": data.before, "after": data.after, "limit": data.limit}
+        reply = await self.request(subjects.svc_inbox(user), query, "history")
+        self.send(encode_frame("dm.history", reply))
+
+    def on_subscribe(self, data: f.EventsData) -> None:
+        wanted = set(data.events) - self.conn.events
+        if len(self.conn.events) + len(wanted) > self.gw.settings.max_events:
+            raise FrameError(
+                ErrorCode.TOO_MANY_ROOMS, f"at most {self.gw.settings.max_events} event types"
+            )
+        for event in wanted:
+            self.gw.hub.subscribe(self.conn, event)
+        self.send(encode_frame("subscribed", {"events": sorted(self.conn.events)}))
+
+    async def _publish(self, msg: ChatMessage | DirectMessage) -> None:
         try:
             stored = await self.gw.publisher.publish(msg)
         except Exception:

@@ -6,10 +6,11 @@ import logging
 import time
 from collections import OrderedDict
 
+import orjson
 from nats.aio.msg import Msg
 
 from proto import subjects
-from proto.bus import ChatMessage, PresenceEvent, parse_bus_chat
+from proto.bus import ChatMessage, PresenceEvent, parse_bus_chat, parse_bus_direct
 from proto.frames import encode_frame
 from services.logs import RateLimitedLog
 
@@ -51,12 +52,15 @@ class Hub:
         self.presence: PresenceReporter | None = None
         self.rooms: dict[str, set[Conn]] = {}
         self.conns: set[Conn] = set()
+        self.users: dict[str, set[Conn]] = {}
+        self.events: dict[str, set[Conn]] = {}
         self._recent = RecentIds(dedupe_window)
         self._badlog = RateLimitedLog(log)
 
     # -- membership -------------------------------------------------------------------
     def add(self, conn: Conn) -> None:
         self.conns.add(conn)
+        self.users.setdefault(conn.user, set()).add(conn)
         metrics.CONNECTIONS.set(len(self.conns))
 
     def remove(self, conn: Conn) -> list[str]:
@@ -64,6 +68,13 @@ class Hub:
         rooms = list(conn.rooms)
         for room in rooms:
             self.leave(conn, room)
+        for event in list(conn.events):
+            self.unsubscribe(conn, event)
+        mine = self.users.get(conn.user)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self.users[conn.user]
         self.conns.discard(conn)
         metrics.CONNECTIONS.set(len(self.conns))
         return rooms
@@ -101,6 +112,18 @@ class Hub:
                 self.presence.leave(room, conn.user)
         return True
 
+    def subscribe(self, conn: Conn, event: str) -> None:
+        conn.events.add(event)
+        self.events.setdefault(event, set()).add(conn)
+
+    def unsubscribe(self, conn: Conn, event: str) -> None:
+        conn.events.discard(event)
+        members = self.events.get(event)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.events[event]
+
     def local_users(self, room: str) -> set[str]:
         return {c.user for c in self.rooms.get(room, ())}
 
@@ -120,7 +143,7 @@ class Hub:
                     else:
                         metrics.DROPPED.labels("replay_buffer").inc()
                     continue
-            n += conn.offer(frame)
+            n += conn.offer(frame, msg_id)
         metrics.DELIVERED.inc(n)
         return n
 
@@ -134,6 +157,58 @@ class Hub:
             metrics.DUPLICATES.inc()
             return 0
         return self.deliver(msg.room, encode_frame("chat.message", msg).decode(), msg.id)
+
+    async def on_user_message(self, msg: Msg) -> None:
+        """Callback of ``user.*.message``: to every local connection of the sender and recipient."""
+        metrics.BUS_IN.labels("user_message").inc()
+        to = subjects.parse_user_message(msg.subject)
+        if to is None:
+            metrics.BUS_MALFORMED.labels("user_message").inc()
+            return
+        try:
+            dm = parse_bus_direct(msg.data, to)
+        except ValueError as exc:
+            metrics.BUS_MALFORMED.labels("user_message").inc()
+            self._badlog.warning(
+                "bad_direct",
+                "dropped malformed direct message",
+                subject=msg.subject,
+                error=str(exc),
+            )
+            return
+        targets = self.users.get(dm.to, set()) | self.users.get(dm.sender, set())
+        if not targets or self._recent.seen(dm.id):
+            return
+        frame = encode_frame("dm", dm.wire()).decode()
+        n = sum(conn.offer(frame, dm.id) for conn in targets)
+        metrics.DELIVERED.inc(n)
+
+    async def on_event(self, msg: Msg) -> None:
+        """Callback of ``event.>``: to the local connections subscribed to that event type."""
+        metrics.BUS_IN.labels("event").inc()
+        kind = subjects.parse_event(msg.subject)
+        if kind is None:
+            metrics.BUS_MALFORMED.labels("event").inc()
+            self._badlog.warning("bad_event", "dropped event", subject=msg.subject[:200])
+            return
+        members = self.events.get(kind)
+        if not members:
+            return
+        try:
+            orjson.loads(msg.data)  # any JSON value; checked once, spliced in as is
+        except orjson.JSONDecodeError:
+            metrics.BUS_MALFORMED.labels("event").inc()
+            self._badlog.warning("bad_event", "dropped event: payload is not JSON", event=kind)
+            return
+        frame = (
+            b'{"type":"event","data":{"event":"'
+            + kind.encode()
+            + b'","payload":'
+            + msg.data
+            + b"}}"
+        ).decode()
+        n = sum(conn.offer(frame) for conn in tuple(members))
+        metrics.DELIVERED.inc(n)
 
     async def on_room_presence(self, msg: Msg) -> None:
         """Callback of the ``room.*.presence`` wildcard: join/leave/typing to local members."""

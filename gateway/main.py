@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from services.http import serve
 from services.logs import setup_logging
 
@@ -10,6 +12,9 @@ from .settings import GatewaySettings
 
 
 def run(settings: GatewaySettings) -> None:
+    # We pick uvicorn's "websockets" protocol on purpose (clean 1007 on bad UTF-8); its
+    # deprecation notice is for the default choice, not for an explicit one.
+    warnings.filterwarnings("ignore", message=".*websockets. implementation is deprecated")
     setup_logging("gateway", settings.log_level)
     serve(
         create_app(settings),

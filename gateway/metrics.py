@@ -38,3 +38,5 @@ FANOUT_SECONDS = Histogram(
     "Time to fan one bus message out to local clients",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
 )
+API_REQUESTS = Counter("roombus_gateway_api_requests_total", "HTTP publish API answers", ["status"])
+SSE_STREAMS = Gauge("roombus_gateway_sse_streams", "Open Server-Sent Events streams")

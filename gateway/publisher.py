@@ -14,7 +14,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from proto import subjects
-from proto.bus import ChatMessage
+from proto.bus import ChatMessage, DirectMessage
 from proto.ids import is_id, new_id
 from proto.svc import StoreAck
 from services.bus import Bus
@@ -72,10 +72,14 @@ class Publisher:
                 return earlier
             return fresh
 
-    async def publish(self, msg: ChatMessage) -> bool:
+    async def publish(self, msg: ChatMessage | DirectMessage) -> bool:
         """Publish ``msg``; True once stored (always True with ``store_acks`` off)."""
-        payload = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-        subject = subjects.room_message(msg.room)
+        if isinstance(msg, ChatMessage):
+            payload = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
+            subject = subjects.room_message(msg.room)
+        else:
+            payload = orjson.dumps(msg.wire())
+            subject = subjects.user_message(msg.to)
         headers = {"Nats-Msg-Id": msg.id}
         nc = self.bus.nc
         if not self.settings.store_acks:

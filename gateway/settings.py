@@ -49,6 +49,11 @@ class GatewaySettings(ServiceSettings):
     """Seconds between WebSocket pings the gateway sends."""
     ws_ping_timeout: float = Field(default=20.0, gt=0)
     """Seconds to wait for a pong before the connection is dropped."""
+    max_events: int = Field(default=32, ge=1, le=10_000)
+    """Event types one connection may subscribe to."""
+    api_keys: SecretStr | None = None
+    """Comma-separated keys for the HTTP publish API (``Authorization: Bearer <key>``); the API
+    answers 401/403 to everyone when unset."""
     max_rooms: int = Field(default=32, ge=1, le=10_000)
     """Rooms one connection may be in at once."""
     max_frame_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -20,7 +21,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from proto import subjects
-from proto.bus import ChatMessage
+from proto.bus import ChatMessage, DirectMessage, utcnow
 from proto.ids import id_time
 from services.jetstream import ensure_stream
 
@@ -29,14 +30,15 @@ from .settings import HistorySettings
 log = logging.getLogger("roombus.history.store")
 
 FETCH_BATCH = 256
+M = TypeVar("M", ChatMessage, DirectMessage)
 WINDOW_START = timedelta(seconds=2)
 
 
 def stream_config(settings: HistorySettings) -> StreamConfig:
     return StreamConfig(
         name=subjects.HISTORY_STREAM,
-        description="roombus chat history, one subject per room",
-        subjects=[subjects.HISTORY_WILDCARD],
+        description="roombus chat history: history.<room> and inbox.<user> (direct messages)",
+        subjects=[subjects.HISTORY_WILDCARD, subjects.INBOX_WILDCARD],
         storage=StorageType.FILE,
         num_replicas=settings.history_replicas,
         max_age=settings.history_max_age,
@@ -58,12 +60,12 @@ class Store:
     async def provision(self) -> None:
         await ensure_stream(self.js, stream_config(self.settings))
 
-    async def append(self, msg: ChatMessage, payload: bytes) -> tuple[int, bool]:
-        """Store one message (idempotent by id); returns (stream seq, was a duplicate)."""
+    async def append(self, subject: str, msg_id: str, payload: bytes) -> tuple[int, bool]:
+        """Store one message (idempotent by ``msg_id``); returns (stream seq, was a duplicate)."""
         fut = await self.js.publish_async(
-            subjects.history(msg.room),
+            subject,
             payload,
-            headers={"Nats-Msg-Id": msg.id},
+            headers={"Nats-Msg-Id": msg_id},
             wait_stall=self.settings.history_store_timeout,
         )
         ack = await asyncio.wait_for(fut, self.settings.history_store_timeout)
@@ -71,9 +73,9 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------
     async def _read(
-        self, room: str, start: datetime, stop_id: str | None, limit: int | None
-    ) -> tuple[list[ChatMessage], bool]:
-        """Messages of ``room`` stored from ``start`` on, stopping before ``stop_id``.
+        self, subject: str, model: type[M], start: datetime, stop_id: str | None, limit: int | None
+    ) -> tuple[list[M], bool]:
+        """Messages on ``subject`` stored from ``start`` on, stopping before ``stop_id``.
 
         Returns (messages oldest first, True when ``limit`` cut the read short).
         """
@@ -86,9 +88,9 @@ class Store:
             num_replicas=1,
         )
         sub = await self.js.pull_subscribe(
-            subjects.history(room), durable=None, stream=subjects.HISTORY_STREAM, config=config
+            subject, durable=None, stream=subjects.HISTORY_STREAM, config=config
         )
-        out: list[ChatMessage] = []
+        out: list[M] = []
         try:
             info = await sub.consumer_info()
             pending = info.num_pending or 0
@@ -101,12 +103,12 @@ class Store:
                 for m in batch:
                     pending = m.metadata.num_pending
                     try:
-                        chat = ChatMessage.model_validate_json(m.data)
+                        item = model.model_validate_json(m.data)
                     except ValueError:
                         continue
-                    if stop_id is not None and chat.id >= stop_id:
+                    if stop_id is not None and item.id >= stop_id:
                         return out, False
-                    out.append(chat)
+                    out.append(item)
                     if limit is not None and len(out) > limit:
                         return out, True
         finally:
@@ -114,60 +116,59 @@ class Store:
                 await sub.unsubscribe()
         return out, False
 
-    async def first(self, room: str) -> ChatMessage | None:
-        """The oldest retained message of ``room``."""
+    async def first(self, subject: str, model: type[M]) -> M | None:
+        """The oldest retained message on ``subject``."""
         try:
-            raw = await self.js.get_msg(
-                subjects.HISTORY_STREAM, seq=1, subject=subjects.history(room), next=True
-            )
+            raw = await self.js.get_msg(subjects.HISTORY_STREAM, seq=1, subject=subject, next=True)
         except NotFoundError:
             return None
         if raw.data is None:
             return None
         try:
-            return ChatMessage.model_validate_json(raw.data)
+            return model.model_validate_json(raw.data)
         except ValueError:
             return None
 
     async def after(
-        self, room: str, after: str, limit: int
-    ) -> tuple[list[ChatMessage], bool, bool]:
+        self, subject: str, model: type[M], after: str, limit: int
+    ) -> tuple[list[M], bool, bool]:
         """Up to ``limit`` messages newer than ``after``: (messages, has_more, gap)."""
         start = id_time(after) - timedelta(milliseconds=1)
-        msgs, cut = await self._read(room, start, None, limit)
+        msgs, cut = await self._read(subject, model, start, None, limit)
         msgs = [m for m in msgs if m.id > after]
         has_more = cut or len(msgs) > limit
         msgs = msgs[:limit]
+        first = await self.first(subject, model)
         gap = False
-        first = await self.first(room)
         if first is not None and first.id > after:
-            # `after` is older than everything retained: unless it was the very message
-            # just before the first one kept, retention removed some in between.
-            gap = True
+            # `after` is older than everything kept. That is a gap only if retention ever
+            # removed anything (otherwise the subject simply starts after `after`).
+            state = (await self.js.stream_info(subjects.HISTORY_STREAM)).state
+            gap = state.first_seq > 1 or bool(state.num_deleted)
         return msgs, has_more, gap
 
     async def before(
-        self, room: str, before: str | None, limit: int
-    ) -> tuple[list[ChatMessage], bool]:
+        self, subject: str, model: type[M], before: str | None, limit: int
+    ) -> tuple[list[M], bool]:
         """The ``limit`` messages just older than ``before`` (or the newest): (msgs, has_more).
 
         JetStream reads forwards only, so read a time window ending at ``before`` and
-        double it until it holds ``limit`` messages or reaches the room's first message.
+        widen it (x4) until it holds ``limit`` messages or reaches the first message.
         """
-        first = await self.first(room)
+        first = await self.first(subject, model)
         if first is None:
             return [], False
-        end = id_time(before) + timedelta(milliseconds=1) if before else None
-        now = datetime.now(id_time(first.id).tzinfo)
-        hi = end or now + timedelta(seconds=1)
+        oldest = id_time(first.id) - timedelta(milliseconds=1)
+        hi = (
+            id_time(before) + timedelta(milliseconds=1)
+            if before
+            else utcnow() + timedelta(seconds=1)
+        )
         window = WINDOW_START
-        collected: list[ChatMessage] = []
-        lo_time = hi
         while True:
-            lo_time = max(hi - window, id_time(first.id) - timedelta(milliseconds=1))
-            msgs, _ = await self._read(room, lo_time, before, None)
-            collected = msgs
-            if len(collected) >= limit or lo_time <= id_time(first.id):
+            lo_time = max(hi - window, oldest)
+            collected, _ = await self._read(subject, model, lo_time, before, None)
+            if len(collected) >= limit or lo_time <= oldest:
                 break
             window *= 4
         page = collected[-limit:]

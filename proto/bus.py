@@ -95,3 +95,58 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "payload"
     return f"{loc}: {err['msg']}"
+
+
+class DirectMessage(_Payload):
+    """A message to one user, on ``user.<to>.message``: DMs and backend notifications."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    id: MessageId
+    sender: UserId = Field(alias="from")
+    """Who sent it (``system`` for backend notifications without a sender)."""
+    to: UserId
+    text: str = Field(min_length=1, max_length=TEXT_MAX)
+    ts: datetime
+    client_id: str | None = Field(default=None, max_length=CLIENT_ID_MAX)
+    verified: bool = False
+
+    def wire(self) -> dict[str, object]:
+        """The JSON form (``from``, not ``sender``)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class BusDirectInput(_Payload):
+    """What anyone may publish on ``user.<to>.message``; ``from`` defaults to ``system``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    id: MessageId | None = None
+    sender: UserId = Field(default="system", alias="from")
+    to: UserId | None = None
+    text: str = Field(min_length=1, max_length=TEXT_MAX)
+    ts: datetime | None = None
+    client_id: str | None = Field(default=None, max_length=CLIENT_ID_MAX)
+    verified: bool = False
+
+
+def parse_bus_direct(data: bytes, to: str) -> DirectMessage:
+    """Parse a ``user.<to>.message`` payload; raises ValueError for anything malformed."""
+    try:
+        raw = BusDirectInput.model_validate_json(data)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from None
+    if raw.to is not None and raw.to != to:
+        raise ValueError(f"payload to {raw.to!r} does not match subject user {to!r}")
+    ts = raw.ts if raw.ts is not None else utcnow()
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return DirectMessage(
+        id=raw.id or new_id(),
+        sender=raw.sender,
+        to=to,
+        text=raw.text,
+        ts=ts.astimezone(UTC),
+        client_id=raw.client_id,
+        verified=raw.verified,
+    )

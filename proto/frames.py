@@ -50,6 +50,12 @@ class DmData(_Data):
     client_id: str | None = Field(default=None, min_length=1, max_length=CLIENT_ID_MAX)
 
 
+class DmHistoryData(_Data):
+    before: MessageId | None = None
+    after: MessageId | None = None
+    limit: int = Field(default=50, ge=1, le=HISTORY_LIMIT_MAX)
+
+
 class EventsData(_Data):
     events: list[EventType] = Field(min_length=1, max_length=EVENTS_PER_FRAME_MAX)
 
@@ -104,6 +110,11 @@ class Dm(_Frame):
     data: DmData
 
 
+class DmHistory(_Frame):
+    type: Literal["dm.history"]
+    data: DmHistoryData
+
+
 class Subscribe(_Frame):
     type: Literal["subscribe"]
     data: EventsData
@@ -115,12 +126,22 @@ class Unsubscribe(_Frame):
 
 
 ClientFrame = Annotated[
-    Auth | Join | Leave | Chat | History | Presence | Typing | Dm | Subscribe | Unsubscribe,
+    Auth
+    | Join
+    | Leave
+    | Chat
+    | History
+    | Presence
+    | Typing
+    | Dm
+    | DmHistory
+    | Subscribe
+    | Unsubscribe,
     Field(discriminator="type"),
 ]
 CLIENT_FRAME_TYPES = frozenset(
     ("auth", "join", "leave", "chat.message", "history", "presence", "typing", "dm", "subscribe")
-    + ("unsubscribe",)
+    + ("unsubscribe", "dm.history")
 )
 _client_frame: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
 

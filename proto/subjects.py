@@ -8,6 +8,8 @@ ROOM_MESSAGE_WILDCARD = "room.*.message"
 ROOM_PRESENCE_WILDCARD = "room.*.presence"
 USER_MESSAGE_WILDCARD = "user.*.message"
 EVENT_WILDCARD = "event.>"
+INBOX_WILDCARD = "inbox.>"
+SVC_INBOX_WILDCARD = "svc.inbox.*"
 HISTORY_WILDCARD = "history.>"
 SVC_HISTORY_WILDCARD = "svc.history.*"
 SVC_PRESENCE_WILDCARD = "svc.presence.*"
@@ -127,3 +129,18 @@ def parse_presence_key(key: str) -> tuple[str, str, str] | None:
 def kv_subject(bucket: str, key: str) -> str:
     """The JetStream subject a KV bucket stores ``key`` on (for puts with a per-key TTL)."""
     return f"$KV.{bucket}.{key}"
+
+
+def inbox(user: str) -> str:
+    """``inbox.<user>``: the JetStream subject of one user's direct messages (both ways)."""
+    return f"inbox.{check_name(user, 'user')}"
+
+
+def svc_inbox(user: str) -> str:
+    """``svc.inbox.<user>``: queries of one user's stored direct messages."""
+    return f"svc.inbox.{check_name(user, 'user')}"
+
+
+def parse_svc_inbox(subject: str) -> str | None:
+    """The user of a ``svc.inbox.<user>`` subject, or None."""
+    return _token(subject, "svc.inbox.", "")

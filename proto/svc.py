@@ -70,3 +70,18 @@ class PresenceMembers(_Svc):
 def service_error(code: ErrorCode, message: str) -> dict[str, Any]:
     """The body of an error reply (``{"error": {"code", "message"}}``)."""
     return {"error": {"code": code.value, "message": message}}
+
+
+class InboxQuery(_Svc):
+    """``svc.inbox.<user>``: that user's direct messages (sent and received), paged like rooms."""
+
+    user: UserId
+    before: MessageId | None = None
+    after: MessageId | None = None
+    limit: int = Field(default=50, ge=1, le=REPLAY_PAGE_MAX)
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> InboxQuery:
+        if self.before is not None and self.after is not None:
+            raise ValueError("give before or after, not both")
+        return self

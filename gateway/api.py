@@ -1,0 +1,154 @@
+"""The HTTP publish API, for backends that speak HTTP but not NATS."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from litestar import Request, Response, post
+from litestar.handlers import HTTPRouteHandler
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from proto import subjects
+from proto.bus import CLIENT_ID_MAX, TEXT_MAX, ChatMessage, DirectMessage, utcnow
+from proto.errors import ErrorCode
+from proto.ids import new_id
+from proto.names import InvalidNameError, UserId, check_event_type, check_name
+
+from . import metrics
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RoomPost(_Body):
+    user: UserId
+    text: str = Field(min_length=1, max_length=TEXT_MAX)
+    client_id: str | None = Field(default=None, min_length=1, max_length=CLIENT_ID_MAX)
+
+
+class UserPost(_Body):
+    sender: UserId = Field(default="system", alias="from")
+    text: str = Field(min_length=1, max_length=TEXT_MAX)
+    client_id: str | None = Field(default=None, min_length=1, max_length=CLIENT_ID_MAX)
+
+
+def _error(status: int, code: ErrorCode, message: str, **extra: Any) -> Response[dict[str, Any]]:
+    metrics.API_REQUESTS.labels(str(status)).inc()
+    return Response({"code": code.value, "message": message, **extra}, status_code=status)
+
+
+def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
+    keys = [
+        k.strip().encode()
+        for k in (gw.settings.api_keys.get_secret_value() if gw.settings.api_keys else "").split(
+            ","
+        )
+        if k.strip()
+    ]
+
+    def authorized(request: Request[Any, Any, Any]) -> Response[dict[str, Any]] | None:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return _error(401, ErrorCode.FORBIDDEN, "send Authorization: Bearer <API key>")
+        given = header[7:].strip().encode()
+        if not any(hmac.compare_digest(given, key) for key in keys):
+            return _error(403, ErrorCode.FORBIDDEN, "unknown API key")
+        return None
+
+    async def body_of(request: Request[Any, Any, Any]) -> bytes | Response[dict[str, Any]]:
+        raw = await request.body()
+        if len(raw) > gw.settings.max_frame_bytes:
+            return _error(413, ErrorCode.INVALID, f"body over {gw.settings.max_frame_bytes} bytes")
+        return raw
+
+    async def store(msg: ChatMessage | DirectMessage) -> Response[dict[str, Any]]:
+        if await gw.publisher.publish(msg):
+            metrics.API_REQUESTS.labels("201").inc()
+            return Response({"id": msg.id}, status_code=201)
+        return _error(503, ErrorCode.NOT_STORED, "not confirmed stored", id=msg.id)
+
+    @post("/api/rooms/{room:str}/messages", include_in_schema=False)
+    async def room_message(request: Request[Any, Any, Any], room: str) -> Response[Any]:
+        if (denied := authorized(request)) is not None:
+            return denied
+        try:
+            check_name(room, "room")
+        except InvalidNameError as exc:
+            return _error(400, ErrorCode.BAD_NAME, str(exc))
+        raw = await body_of(request)
+        if isinstance(raw, Response):
+            return raw
+        try:
+            body = RoomPost.model_validate_json(raw)
+        except ValidationError as exc:
+            return _error(400, ErrorCode.INVALID, _first(exc))
+        msg = ChatMessage(
+            id=await gw.publisher.message_id(f"api.{body.user}", body.client_id),
+            room=room,
+            user=body.user,
+            text=body.text,
+            ts=utcnow(),
+            client_id=body.client_id,
+            verified=True,  # an API key holder vouches for the user it names
+        )
+        return await store(msg)
+
+    @post("/api/users/{user:str}/messages", include_in_schema=False)
+    async def user_message(request: Request[Any, Any, Any], user: str) -> Response[Any]:
+        if (denied := authorized(request)) is not None:
+            return denied
+        try:
+            check_name(user, "user")
+        except InvalidNameError as exc:
+            return _error(400, ErrorCode.BAD_NAME, str(exc))
+        raw = await body_of(request)
+        if isinstance(raw, Response):
+            return raw
+        try:
+            body = UserPost.model_validate_json(raw)
+        except ValidationError as exc:
+            return _error(400, ErrorCode.INVALID, _first(exc))
+        dm = DirectMessage(
+            id=await gw.publisher.message_id(f"api.{body.sender}", body.client_id),
+            sender=body.sender,
+            to=user,
+            text=body.text,
+            ts=utcnow(),
+            client_id=body.client_id,
+            verified=True,
+        )
+        return await store(dm)
+
+    @post("/api/events/{event:str}", include_in_schema=False)
+    async def event(request: Request[Any, Any, Any], event: str) -> Response[Any]:
+        if (denied := authorized(request)) is not None:
+            return denied
+        try:
+            check_event_type(event)
+        except InvalidNameError as exc:
+            return _error(400, ErrorCode.BAD_NAME, str(exc))
+        raw = await body_of(request)
+        if isinstance(raw, Response):
+            return raw
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _error(400, ErrorCode.BAD_FRAME, "the body must be JSON")
+        event_id = new_id()
+        # Events are live only (not stored): the id identifies this publish.
+        await gw.bus.nc.publish(subjects.event(event), raw, headers={"Nats-Msg-Id": event_id})
+        metrics.API_REQUESTS.labels("202").inc()
+        return Response({"id": event_id}, status_code=202)
+
+    return [room_message, user_message, event]
+
+
+def _first(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"

@@ -1,0 +1,192 @@
+"""Server-Sent Events from the bus: ``GET /sse?rooms=a,b&events=x``, ``Last-Event-ID`` replay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from litestar import Request, Response, get
+from litestar.handlers import HTTPRouteHandler
+from litestar.response import Stream
+
+from proto.errors import CloseCode, ErrorCode
+from proto.frames import FrameError
+from proto.ids import is_id
+from proto.names import InvalidNameError, check_event_type, check_name
+
+from . import metrics
+from .auth import AuthError, Identity
+from .conn import Conn
+from .handlers import Session
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+KEEPALIVE = 15.0
+
+
+class SseConn(Conn):
+    """A connection whose frames become SSE events (``id:`` = message id when stored).
+
+    The same bounded buffer and slow-client policy as WebSocket; the response body
+    generator is the writer.
+    """
+
+    __slots__ = ()
+
+    def offer(self, frame: str, msg_id: str | None = None) -> bool:
+        event = f"id: {msg_id}\ndata: {frame}\n\n" if msg_id else f"data: {frame}\n\n"
+        return super().offer(event)
+
+    def start(self) -> None:
+        """No writer task: :meth:`body` drains the buffer into the HTTP response."""
+
+    async def body(self) -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"
+        buf = self._buf
+        while not self.closed.is_set():
+            if not buf:
+                self._drained.set()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KEEPALIVE):
+                        await self._wake.wait()
+                if not buf:
+                    yield b": keepalive\n\n"
+                    continue
+            chunk = "".join(buf)
+            buf.clear()
+            self._full_since = None
+            self._space.set()
+            yield chunk.encode()
+
+
+def _names(raw: str | None, check: Any) -> list[str]:
+    return [check(n) for n in (raw or "").split(",") if n]
+
+
+def sse_handler(gw: Gateway) -> HTTPRouteHandler:
+    @get("/sse", include_in_schema=False)
+    async def sse(request: Request[Any, Any, Any]) -> Response[Any]:
+        s = gw.settings
+        if not gw.origin_allowed(request.headers.get("origin")):
+            metrics.REFUSED.labels("origin").inc()
+            return Response(
+                {"code": ErrorCode.FORBIDDEN.value, "message": "origin"}, status_code=403
+            )
+        try:
+            rooms = _names(request.query_params.get("rooms"), lambda n: check_name(n, "room"))
+            events = _names(request.query_params.get("events"), check_event_type)
+        except InvalidNameError as exc:
+            return Response(
+                {"code": ErrorCode.BAD_NAME.value, "message": str(exc)}, status_code=400
+            )
+        if len(rooms) > s.max_rooms or len(events) > s.max_events:
+            return _refuse(400, ErrorCode.TOO_MANY_ROOMS.value, "too many rooms or events")
+        try:
+            identity = _identity(gw, request)
+        except AuthError as exc:
+            status = 401 if exc.code == CloseCode.UNAUTHORIZED else 403
+            return _refuse(status, str(exc.code.value), exc.reason)
+        forbidden = [r for r in rooms if not identity.may_use(r)]
+        if forbidden:
+            return _refuse(403, ErrorCode.FORBIDDEN.value, f"room {forbidden[0]!r} is not yours")
+        last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        if last and not is_id(last):
+            return _refuse(400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a message id")
+        client = request.scope.get("client")
+        ip = str(client[0]) if client else "unknown"
+        if (
+            len(gw.hub.conns) >= s.max_connections
+            or gw.per_ip.get(ip, 0) >= s.max_connections_per_ip
+        ):
+            metrics.REFUSED.labels("too_many_connections").inc()
+            return _refuse(503, "too_many_connections", "connection limit reached")
+        conn = SseConn(
+            _no_send, identity.user, identity.verified, s.send_queue, s.slow_client_timeout
+        )
+        return Stream(
+            _stream(gw, conn, identity, rooms, events, last, ip),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return sse
+
+
+def _refuse(status: int, code: str, message: str) -> Response[dict[str, str]]:
+    return Response({"code": code, "message": message}, status_code=status)
+
+
+async def _no_send(_message: Any) -> None:  # SseConn has no ASGI writer
+    return None
+
+
+def _identity(gw: Gateway, request: Request[Any, Any, Any]) -> Identity:
+    if gw.auth.mode == "none":
+        return gw.auth.anonymous(request.query_params.get("user") or "", "guest-sse")
+    token = request.query_params.get("token") or ""
+    header = request.headers.get("authorization", "")
+    if not token and header.lower().startswith("bearer "):
+        token = header[7:].strip()
+    return gw.auth.verify(token)
+
+
+async def _stream(
+    gw: Gateway,
+    conn: SseConn,
+    identity: Identity,
+    rooms: list[str],
+    events: list[str],
+    last: str | None,
+    ip: str,
+) -> AsyncIterator[bytes]:
+    hub = gw.hub
+    gw.per_ip[ip] = gw.per_ip.get(ip, 0) + 1
+    hub.add(conn)
+    metrics.SSE_STREAMS.inc()
+    session = Session(gw, conn, identity)
+    expiry = None
+    left = gw.auth.seconds_left(identity)
+    if left is not None:
+        expiry = asyncio.get_running_loop().call_later(max(0.0, left), conn.shut, 4002)
+    try:
+        for event in events:
+            hub.subscribe(conn, event)
+        for room in rooms:
+            if last:
+                conn.replaying[room] = []
+            hub.join(conn, room)
+        replay = asyncio.create_task(_replay(session, rooms, last)) if last else None
+        async for chunk in conn.body():
+            yield chunk
+        if replay is not None:
+            replay.cancel()
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        hub.remove(conn)
+        metrics.SSE_STREAMS.dec()
+        n = gw.per_ip.get(ip, 1) - 1
+        if n > 0:
+            gw.per_ip[ip] = n
+        else:
+            gw.per_ip.pop(ip, None)
+
+
+async def _replay(session: Session, rooms: list[str], last: str) -> None:
+    """Every stored message after ``last`` in each room, then the live ones held meanwhile."""
+    conn = session.conn
+    for room in rooms:
+        replayed: set[str] = set()
+        try:
+            await session.replay(room, last, replayed)
+        except FrameError as exc:
+            session.error(exc.code, exc.message, room=room)
+        finally:
+            held = conn.replaying.pop(room, [])
+            for msg_id, frame in held:
+                if msg_id not in replayed:
+                    conn.offer(frame, msg_id)

@@ -1,0 +1,226 @@
+"""Per-user channels (DMs), broadcast event channels, SSE with Last-Event-ID, the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import nats
+import pytest
+
+from tests.conftest import ServiceFactory
+from tests.support.client import Client
+from tests.support.procs import NatsServer, ServiceProc
+from tests.support.stored import stored_messages
+
+API_KEY = "k-" + "x" * 30
+
+
+def dms(c: Client) -> list[str]:
+    return [f["data"]["text"] for f in c.frames if f["type"] == "dm"]
+
+
+async def test_a_dm_reaches_every_tab_of_both_parties_and_no_one_else(
+    nats_server: NatsServer, services: ServiceFactory
+) -> None:
+    services("history", nats_server)
+    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+    bob_tab1, bob_tab2 = await Client.open(g1.ws_url, "bob"), await Client.open(g2.ws_url, "bob")
+    alice_tab1 = await Client.open(g1.ws_url, "alice")
+    alice_tab2 = await Client.open(g2.ws_url, "alice")
+    carol = await Client.open(g2.ws_url, "carol")
+    await alice_tab1.send("dm", to="bob", text="psst", client_id="d1")
+    await alice_tab1.next("ack", client_id="d1")
+    for c in (bob_tab1, bob_tab2, alice_tab1, alice_tab2):
+        await c.wait(lambda _, c=c: dms(c) == ["psst"], 10, "the dm")
+    dm = next(f for f in bob_tab2.frames if f["type"] == "dm")["data"]
+    assert dm["from"] == "alice" and dm["to"] == "bob"
+    # Carol saw nothing: a DM to her afterwards arrives alone.
+    await bob_tab1.send("dm", to="carol", text="hi carol")
+    await carol.wait(lambda _: dms(carol) == ["hi carol"], 10, "carol's own dm")
+
+
+async def test_dms_are_stored_and_each_user_reads_only_their_own(
+    nats_server: NatsServer, services: ServiceFactory
+) -> None:
+    services("history", nats_server)
+    g = services("gateway", nats_server)
+    dave, erin, frank = [await Client.open(g.ws_url, u) for u in ("dave", "erin", "frank")]
+    for i in range(3):
+        await dave.send("dm", to="erin", text=f"d->e {i}", client_id=f"de{i}")
+        await erin.send("dm", to="dave", text=f"e->d {i}", client_id=f"ed{i}")
+    await dave.wait(lambda _: len(dave.of("ack")) == 3, 10, "acks")
+    await erin.wait(lambda _: len(erin.of("ack")) == 3, 10, "acks")
+    await frank.send("dm", to="dave", text="f->d", client_id="fd")
+    await frank.next("ack", client_id="fd")
+    await erin.send("dm.history", limit=100)
+    page = (await erin.next("dm.history"))["data"]
+    texts = [m["text"] for m in page["messages"]]
+    assert sorted(texts) == sorted(
+        [f"d->e {i}" for i in range(3)] + [f"e->d {i}" for i in range(3)]
+    )
+    assert "f->d" not in texts  # frank wrote to dave, not to erin
+    await frank.send("dm.history", limit=100)
+    assert [m["text"] for m in (await frank.next("dm.history"))["data"]["messages"]] == ["f->d"]
+    # Replay after an id: what came later, in order.
+    first_id = page["messages"][0]["id"]
+    await erin.send("dm.history", after=first_id, limit=100)
+    later = (await erin.next("dm.history"))["data"]["messages"]
+    assert [m["id"] for m in later] == [m["id"] for m in page["messages"][1:]]
+
+
+async def test_nats_pub_event_reaches_subscribers_only(
+    nats_server: NatsServer, services: ServiceFactory
+) -> None:
+    g = services("gateway", nats_server)
+    sub, other = await Client.open(g.ws_url, "sub"), await Client.open(g.ws_url, "other")
+    await sub.send("subscribe", events=["order.created"])
+    assert (await sub.next("subscribed"))["data"]["events"] == ["order.created"]
+    await other.send("subscribe", events=["order.shipped"])
+    await other.next("subscribed")
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with http.stream("GET", f"{g.http}/sse?events=order.created&user=watch") as sse:
+            lines = sse.aiter_lines()
+            assert await anext(lines) == "retry: 2000"
+            nc = await nats.connect(nats_server.url)
+            await nc.publish("event.order.created", b'{"order": 42}')
+            await nc.publish("event.order.shipped", b'{"order": 41}')
+            await nc.publish("event.order.created", b"not json")  # dropped
+            await nc.flush()
+            event = await _next_data(lines)
+            assert event == {
+                "type": "event",
+                "data": {"event": "order.created", "payload": {"order": 42}},
+            }
+            await nc.close()
+    await sub.next("event", event="order.created")
+    await other.next("event", event="order.shipped")
+    assert sub.of("event") == [] and other.of("event") == []
+    await sub.send("unsubscribe", events=["order.created"])
+    assert (await sub.next("unsubscribed"))["data"]["events"] == []
+    await sub.send("subscribe", events=["bad..type"])
+    await sub.error("bad_name")
+
+
+async def _next_data(lines: AsyncIterator[str]) -> dict[str, Any]:
+    async for line in lines:
+        if line.startswith("data: "):
+            frame: dict[str, Any] = json.loads(line[6:])
+            if frame["type"] != "presence":
+                return frame
+    raise AssertionError("stream ended")
+
+
+async def _read_sse(
+    gw: ServiceProc,
+    room: str,
+    want: int,
+    connected: asyncio.Event,
+    last_id: str | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Read ``want`` chat messages from /sse as an EventSource would; (id, frame) pairs."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    out: list[tuple[str, dict[str, Any]]] = []
+    async with httpx.AsyncClient(timeout=20) as http:
+        async with http.stream("GET", f"{gw.http}/sse?rooms={room}&user=es", headers=headers) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event_id = None
+            async for line in r.aiter_lines():
+                if line.startswith("retry:"):
+                    connected.set()
+                elif line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("data: "):
+                    frame = json.loads(line[6:])
+                    if frame["type"] == "chat.message":
+                        assert event_id == frame["data"]["id"]
+                        out.append((str(event_id), frame))
+                        if len(out) == want:
+                            return out
+                    event_id = None
+    return out
+
+
+async def test_eventsource_reconnect_with_last_event_id_gets_exactly_what_it_missed(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    services("history", nats_server)
+    g = services("gateway", nats_server)
+    sender = await Client.open(g.ws_url, "sender")
+    await sender.join(room)
+    connected = asyncio.Event()
+    reader = asyncio.create_task(_read_sse(g, room, 1, connected))
+    await asyncio.wait_for(connected.wait(), 10)
+    await sender.send("chat.message", room=room, text="seen", client_id="seen")
+    await sender.next("ack", client_id="seen")
+    seen = await asyncio.wait_for(reader, 10)  # the stream closes: the client went away
+    last_id = seen[0][0]
+    missed = [f"missed {i}" for i in range(50)]
+    for t in missed:
+        await sender.send("chat.message", room=room, text=t, client_id=t)
+    await sender.wait(
+        lambda _: {a["data"]["client_id"] for a in sender.of("ack")} >= set(missed), 20, "acks"
+    )
+    connected = asyncio.Event()
+    back = asyncio.create_task(_read_sse(g, room, 51, connected, last_id))
+    await asyncio.wait_for(connected.wait(), 10)
+    await sender.send("chat.message", room=room, text="live")
+    got = await asyncio.wait_for(back, 20)
+    assert [f["data"]["text"] for _, f in got] == [*missed, "live"]
+
+
+async def test_http_publish_api(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    services("history", nats_server)
+    g = services("gateway", nats_server, API_KEYS=f"other,{API_KEY}")
+    c = await Client.open(g.ws_url, "reader")
+    await c.join(room)
+    url = f"{g.http}/api/rooms/{room}/messages"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(url, json={"user": "ops", "text": "x"})).status_code == 401
+        r = await http.post(
+            url, json={"user": "ops", "text": "x"}, headers={"Authorization": "Bearer nope"}
+        )
+        assert r.status_code == 403
+        r = await http.post(
+            f"{g.http}/api/rooms/a.b/messages", json={"user": "ops", "text": "x"}, headers=auth
+        )
+        assert r.status_code == 400 and r.json()["code"] == "bad_name"
+        r = await http.post(url, json={"user": "o p s", "text": "x"}, headers=auth)
+        assert r.status_code == 400 and r.json()["code"] == "invalid"
+        r = await http.post(url, content=b"{nope", headers=auth)
+        assert r.status_code == 400
+        r = await http.post(url, json={"user": "ops", "text": "from a backend"}, headers=auth)
+        assert r.status_code == 201
+        msg_id = r.json()["id"]
+        r = await http.post(
+            f"{g.http}/api/users/reader/messages", json={"text": "ping"}, headers=auth
+        )
+        assert r.status_code == 201
+        r = await http.post(f"{g.http}/api/events/build.done", json={"ok": True}, headers=auth)
+        assert r.status_code == 202 and r.json()["id"]
+        r = await http.post(f"{g.http}/api/events/build..x", json={}, headers=auth)
+        assert r.status_code == 400 and r.json()["code"] == "bad_name"
+    await c.wait_texts(["from a backend"])
+    assert c.of("chat.message")[0]["data"]["id"] == msg_id
+    await c.wait(lambda _: dms(c) == ["ping"], 10, "notification")
+    assert next(f for f in c.frames if f["type"] == "dm")["data"]["from"] == "system"
+    stored = await stored_messages(nats_server.url, room)
+    assert [m["id"] for m in stored] == [msg_id]
+
+
+@pytest.mark.parametrize("query", ["rooms=a.b", "events=x..y", "rooms=ok&last_event_id=nope"])
+async def test_sse_rejects_bad_names_and_cursors(
+    nats_server: NatsServer, services: ServiceFactory, query: str
+) -> None:
+    g = services("gateway", nats_server)
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.get(f"{g.http}/sse?{query}")
+    assert r.status_code == 400
+    assert r.json()["code"] in {"bad_name", "bad_cursor"}
