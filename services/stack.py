@@ -53,6 +53,13 @@ def add_up_parser(sub: Any) -> None:
     p.add_argument("--gateway-port", type=int, default=8080, help="first gateway port")
     p.add_argument("--history", type=int, default=2, help="history replicas (default 2)")
     p.add_argument("--data-dir", default=".roombus", help="nats-server store and logs")
+    p.add_argument(
+        "--sync-interval",
+        default=None,
+        metavar="DURATION",
+        help="JetStream fsync interval (nats-server sync_interval): 'always' fsyncs every write"
+        " (an acked message survives an OS crash), e.g. '2m' (server default) batches",
+    )
 
 
 @dataclass
@@ -105,6 +112,11 @@ def run_up(args: dict[str, Any]) -> int:
 
     if size == 1:
         nats = NatsServer(store_dir=data_dir / "nats", port=nats_ports[0], name="roombus-local")
+        if args.get("sync_interval"):
+            conf = data_dir / "nats-sync.conf"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(f"jetstream {{ sync_interval: {args['sync_interval']} }}\n")
+            nats.config_file = conf
         nats.start(pdeathsig=True)
         brokers, nats_url, store = [nats], nats.url, nats.store_dir
         env = {**os.environ, "NATS_URL": nats_url}
