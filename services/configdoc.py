@@ -1,4 +1,4 @@
-"""Render the settings classes as the README configuration tables (`python -m services.configdoc`)."""
+"""The README configuration tables, from the settings classes (`python -m services.configdoc`)."""
 
 from __future__ import annotations
 
