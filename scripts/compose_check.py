@@ -358,14 +358,14 @@ def lb_servers(stats_port: int) -> list[dict[str, str]]:
     return [
         row
         for row in rows
-        if row["pxname"] == "gateways"
-        and row["svname"] not in ("BACKEND", "FRONTEND")
+        if row["pxname"] == "gateways" and row["svname"] not in ("BACKEND", "FRONTEND")
     ]
 
 
 def lb_up(stats_port: int) -> list[str]:
+    # "UP 1/2" is an UP server whose last check failed: still taking traffic.
     return sorted(
-        s["addr"].rsplit(":", 1)[0] for s in lb_servers(stats_port) if s["status"] == "UP"
+        s["addr"].rsplit(":", 1)[0] for s in lb_servers(stats_port) if s["status"].startswith("UP")
     )
 
 
@@ -508,6 +508,36 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     if "presence" in services:
         asyncio.run(presence_round())
 
+    # An unhealthy replica (paused: /readyz stops answering) is taken out, then back in.
+    paused = stack.containers("gateway")[0]
+    t = time.monotonic()
+    run("docker", "pause", paused, capture=True)
+    try:
+        wait_for("HAProxy to mark the paused gateway DOWN", lambda: len(lb_up(stats_port)) == 2, 30)
+        report["unhealthy_out_s"] = round(time.monotonic() - t, 1)
+
+        async def around_paused() -> dict[str, int]:
+            clients = await connect_many(url, "h", 4)
+            await chat_round(clients, room, "paused", acks)
+            others = {cid[:12] for cid in stack.containers("gateway")} - {paused[:12]}
+            s = {
+                cid: open_connections(cid)
+                for cid in stack.containers("gateway")
+                if cid[:12] in others
+            }
+            await close_all()
+            return {k[:12]: v for k, v in s.items()}
+
+        s = asyncio.run(around_paused())
+        assert sum(s.values()) == 4, f"clients reached the paused gateway: {s}"
+    finally:
+        run("docker", "unpause", paused, capture=True)
+    wait_for("HAProxy to take the gateway back", lambda: len(lb_up(stats_port)) == GATEWAYS, 30)
+    say(
+        f"paused gateway out of rotation in {report['unhealthy_out_s']}s; 4 clients served by"
+        f" the other two {s}; back in after unpause"
+    )
+
     lb_cid = stack.containers("lb")[0]
     lb_started = started_at(lb_cid)
     up_args = ["up", "-d", "--no-recreate", "--no-build"]
@@ -571,6 +601,32 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     return report
 
 
+def check_image(image: str) -> None:
+    """What the issue asks of the image: non-root, a health check, no compilers, no caches."""
+    user = run("docker", "run", "--rm", image, "id", "-u", capture=True).stdout.strip()
+    assert user != "0", "the image runs as root"
+    health = run(
+        "docker",
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Healthcheck}}",
+        image,
+        capture=True,
+    ).stdout
+    assert "readyz" in health, f"no HEALTHCHECK on /readyz: {health}"
+    probe = (
+        "for c in gcc cc g++ make; do command -v $c && exit 1; done;"
+        " ls /root/.cache/pip /tmp/requirements.txt /src 2>/dev/null && exit 1;"
+        " find /opt/roombus -name pip -maxdepth 3 | grep -q . && exit 1; exit 0"
+    )
+    found = run(
+        "docker", "run", "--rm", "--user", "0", image, "sh", "-c", probe, check=False, capture=True
+    )
+    assert found.returncode == 0, f"compilers or caches in the image: {found.stdout.strip()}"
+    say(f"{image}: runs as uid {user}, HEALTHCHECK on /readyz, no compilers, no caches")
+
+
 def available_services(image: str) -> set[str]:
     """The roombus subcommands this image has (bridge lands later than the rest)."""
     found = set()
@@ -623,6 +679,7 @@ def main() -> int:
             t = time.monotonic()
             stack("build", capture=True, timeout=900)
             say(f"built roombus:local ({time.monotonic() - t:.1f}s)")
+            check_image("roombus:local")
             services = available_services("roombus:local")
             say(f"services in the image: {sorted(services)}")
             config = stack("--profile", "tools", "config", "--services", capture=True).stdout
