@@ -18,6 +18,7 @@ SERVICES: dict[str, tuple[str, str, str]] = {
     "gateway": ("gateway.settings:GatewaySettings", "gateway.main:run", "the WebSocket gateway"),
     "history": ("history.settings:HistorySettings", "history.main:run", "the history service"),
     "presence": ("presence.settings:PresenceSettings", "presence.main:run", "the presence service"),
+    "bridge": ("bridge.settings:BridgeSettings", "bridge.main:run", "the Redis bridge"),
 }
 
 

@@ -1,0 +1,1 @@
+"""The Redis compatibility bridge: Redis ``room:<name>`` <-> NATS ``room.<name>.message``."""

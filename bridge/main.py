@@ -1,0 +1,29 @@
+"""``roombus bridge``: the Redis bridge, with its health/metrics HTTP endpoint."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+
+from services.http import health_handlers, serve
+from services.logs import setup_logging
+
+from .service import BridgeService
+from .settings import BridgeSettings
+
+
+def create_app(settings: BridgeSettings) -> Litestar:
+    """Build the bridge's ASGI app; nothing connects until uvicorn runs its lifespan."""
+    service = BridgeService(settings)
+    app = Litestar(
+        route_handlers=health_handlers(service.ready),
+        lifespan=[service.lifespan],
+        openapi_config=None,
+        logging_config=None,
+    )
+    app.state.bridge = service
+    return app
+
+
+def run(settings: BridgeSettings) -> None:
+    setup_logging("bridge", settings.log_level)
+    serve(create_app(settings), settings)

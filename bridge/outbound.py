@@ -1,0 +1,152 @@
+"""NATS -> Redis: chat messages on ``room.<room>.message`` become Redis-era envelopes.
+
+The NATS side is a queue group, so each message reaches one bridge replica. A retried
+message (same id) may reach another replica, so the publish is guarded in Redis itself:
+one Lua call sets ``roombus:bridge:sent:<id>`` (NX, with a TTL) and PUBLISHes only when
+it was not set before. Batches go out pipelined, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+
+from nats.aio.msg import Msg
+from redis.asyncio import Redis
+
+from proto import redis as rproto
+from proto import subjects
+from proto.bus import parse_bus_chat
+from services.logs import RateLimitedLog
+
+from . import metrics
+from .redisconn import REDIS_DOWN, Backoff, redis_client
+from .settings import BridgeSettings
+
+log = logging.getLogger("roombus.bridge.outbound")
+
+DIRECTION = "nats_to_redis"
+RECENT_IDS = 65_536
+
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then
+  return redis.call('PUBLISH', ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+class Outbound:
+    """Queue of envelopes for Redis, fed by the NATS subscription, drained by ``run``."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        self.settings = settings
+        self.redis_ok = False
+        self._queue: deque[tuple[str, str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._badlog = RateLimitedLog(log)
+        self._ttl_ms = int(settings.bridge_dedupe_ttl * 1000)
+
+    async def on_nats(self, msg: Msg) -> None:
+        """Subscription callback (queue group ``bridge``)."""
+        if (msg.headers or {}).get(rproto.ORIGIN_HEADER) == rproto.ORIGIN_REDIS:
+            metrics.DROPPED.labels(DIRECTION, "echo").inc()  # came from Redis: not back
+            return
+        room = subjects.parse_room_message(msg.subject)
+        try:
+            if room is None:
+                raise ValueError("not a room.<room>.message subject")
+            chat = parse_bus_chat(msg.data, room)
+        except ValueError as exc:
+            metrics.DROPPED.labels(DIRECTION, "bad_payload").inc()
+            self._badlog.warning(
+                "bad_payload", "dropped malformed bus message", subject=msg.subject, error=str(exc)
+            )
+            return
+        if chat.id in self._recent:  # a retry that reached this replica again
+            metrics.DROPPED.labels(DIRECTION, "duplicate").inc()
+            return
+        self._recent[chat.id] = None
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+        if len(self._queue) >= self.settings.bridge_queue:
+            self._queue.popleft()
+            metrics.DROPPED.labels(DIRECTION, "overflow").inc()
+            self._badlog.warning("overflow", "Redis queue full: dropped the oldest message")
+        self._queue.append((rproto.sent_key(chat.id), rproto.channel(room), rproto.envelope(chat)))
+        metrics.QUEUED.set(len(self._queue))
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish queued envelopes to Redis until ``stop``; retry while Redis is down."""
+        client = redis_client(self.settings)
+        backoff = Backoff(self.settings.redis_reconnect_max)
+        failures = 1  # not known to be up: PING first, so /readyz is right from the start
+        try:
+            while not stop.is_set() or self._queue:
+                if not self._queue:
+                    if failures:  # nothing to send: check Redis, so /readyz tells the truth
+                        try:
+                            await client.ping()
+                            self.redis_ok, failures = True, 0
+                            backoff.reset()
+                        except REDIS_DOWN:
+                            await _wait(stop, backoff.next())
+                        continue
+                    self._wake.clear()
+                    await _wait_any(stop, self._wake, 1.0)
+                    continue
+                if stop.is_set() and not self.redis_ok:
+                    break  # shutting down with Redis gone: nothing more can be done
+                batch = [
+                    self._queue[i] for i in range(min(len(self._queue), self.settings.bridge_batch))
+                ]
+                try:
+                    results = await self._send(client, batch)
+                except REDIS_DOWN as exc:
+                    self.redis_ok = False
+                    failures += 1
+                    if failures == 1 or failures % 30 == 0:
+                        log.warning(
+                            "redis publish failed, will retry",
+                            extra={"error": repr(exc)[:200], "queued": len(self._queue)},
+                        )
+                    await _wait(stop, backoff.next())
+                    continue
+                if failures:
+                    log.info("redis publishing again", extra={"queued": len(self._queue)})
+                self.redis_ok, failures = True, 0
+                backoff.reset()
+                for _ in batch:
+                    self._queue.popleft()
+                metrics.QUEUED.set(len(self._queue))
+                sent = sum(1 for r in results if r != -1)
+                metrics.FORWARDED.labels(DIRECTION).inc(sent)
+                if sent != len(results):
+                    metrics.DROPPED.labels(DIRECTION, "duplicate").inc(len(results) - sent)
+        finally:
+            await client.aclose()
+
+    async def _send(self, client: Redis, batch: list[tuple[str, str, bytes]]) -> list[object]:
+        async with client.pipeline(transaction=False) as pipe:
+            for key, channel, payload in batch:
+                pipe.eval(_PUBLISH_ONCE, 1, key, channel, payload, self._ttl_ms)
+            return list(await pipe.execute())
+
+
+async def _wait(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, within: float) -> None:
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
