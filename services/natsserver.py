@@ -187,6 +187,27 @@ class NatsCluster:
     def start(self, timeout: float = 30.0, pdeathsig: bool = False) -> NatsCluster:
         if self.size < 1:
             raise ValueError("a cluster needs at least one node")
+        for attempt in range(3):
+            self._configure()
+            try:
+                for n in self.nodes:
+                    n.start(timeout, pdeathsig=pdeathsig)
+                self.wait_formed(timeout)
+                return self
+            except (RuntimeError, TimeoutError):
+                # A node that exited most likely lost its route port to another process
+                # between our probe and its bind: new ports, another try.
+                died = any(not n.alive() for n in self.nodes)
+                self.stop()
+                if not died or attempt == 2:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _configure(self) -> None:
+        """Pick route ports and write each node's config file."""
         ports = self.client_ports or [-1] * self.size
         route_ports = [_free_port(self.host) for _ in range(self.size)]
         routes = ", ".join(f'"nats://{self.host}:{p}"' for p in route_ports)
@@ -212,14 +233,6 @@ class NatsCluster:
                     config_file=conf,
                 )
             )
-        try:
-            for n in self.nodes:
-                n.start(timeout, pdeathsig=pdeathsig)
-            self.wait_formed(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader every running node agrees on, once all peers are current."""
