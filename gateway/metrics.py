@@ -20,6 +20,10 @@ BUS_MALFORMED = Counter(
 CLIENT_ID_REUSED = Counter(
     "roombus_gateway_client_id_reused_total", "Sends whose client_id mapped to an earlier id"
 )
+CLIENT_ID_UNAVAILABLE = Counter(
+    "roombus_gateway_client_id_unavailable_total",
+    "Sends that went on with a fresh id because the client_ids bucket did not answer",
+)
 NOT_STORED = Counter("roombus_gateway_not_stored_total", "Messages never acked by storage")
 ACK_SECONDS = Histogram(
     "roombus_gateway_ack_seconds",

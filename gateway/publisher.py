@@ -61,6 +61,26 @@ class Publisher:
         if client_id is None or self.kv is None:
             return fresh
         key = hashlib.sha256(f"{user}\x00{client_id}".encode()).hexdigest()[:40]
+        # The bucket can be briefly unavailable (broker restart, a cluster electing a new
+        # leader): wait it out rather than reject the send; past half the ack deadline, go
+        # on with a fresh id (the send works, only a resend elsewhere could then double it).
+        deadline = time.monotonic() + self.settings.ack_deadline / 2
+        delay = 0.05
+        while True:
+            try:
+                return await self._claim(key, fresh)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    metrics.CLIENT_ID_UNAVAILABLE.inc()
+                    log.warning("client_id bucket unavailable", extra={"error": repr(exc)[:200]})
+                    return fresh
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _claim(self, key: str, fresh: str) -> str:
+        assert self.kv is not None
         try:
             await self.kv.create(key, fresh.encode())
             return fresh

@@ -311,11 +311,6 @@ async def test_kill_9_of_a_non_leader_node_stalls_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/publisher.py Publisher.message_id fails at once while client_ids has no"
-    " leader: the send is rejected with `internal` instead of waiting out the election",
-)
 async def test_sends_while_the_client_ids_leader_fails_over_are_delayed_not_rejected(
     nats_cluster: NatsCluster, services: ServiceFactory, room: str
 ) -> None:
