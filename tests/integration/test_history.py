@@ -259,3 +259,20 @@ async def test_nats_restart_mid_run_keeps_clients_and_stores_everything(
     assert len(texts) == len(set(texts)) == 220
     assert set(before.values()) | set(after.values()) <= {m["id"] for m in stored}
     assert set(during) <= set(texts)
+
+
+async def test_history_service_health_metrics_and_clean_sigterm(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    import httpx
+
+    h = services("history", nats_server)
+    g = services("gateway", nats_server)
+    c = await Client.open(g.ws_url, "m")
+    await c.join(room)
+    await send_and_ack(c, room, ["counted"])
+    assert httpx.get(f"{h.http}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{h.http}/readyz").status_code == 200
+    assert h.metric("roombus_history_stored_total") >= 1
+    assert '"level"' in h.log()  # structured JSON lines
+    assert h.terminate() == 0
