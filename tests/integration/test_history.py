@@ -271,8 +271,9 @@ async def test_history_service_health_metrics_and_clean_sigterm(
     c = await Client.open(g.ws_url, "m")
     await c.join(room)
     await send_and_ack(c, room, ["counted"])
-    assert httpx.get(f"{h.http}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{h.http}/readyz").status_code == 200
+    async with httpx.AsyncClient(timeout=5) as http:
+        assert (await http.get(f"{h.http}/healthz")).json() == {"status": "ok"}
+        assert (await http.get(f"{h.http}/readyz")).status_code == 200
     assert h.metric("roombus_history_stored_total") >= 1
     assert '"level"' in h.log()  # structured JSON lines
     assert h.terminate() == 0
