@@ -32,6 +32,8 @@ class Conn:
         "rooms",
         "closed",
         "close_code",
+        "task",
+        "shut_cancelled",
         "_send",
         "_buf",
         "_max",
@@ -39,8 +41,8 @@ class Conn:
         "_full_since",
         "_slow_timeout",
         "_writer",
-        "_drained",
         "_space",
+        "_started",
         "replaying",
         "events",
         "inflight",
@@ -53,21 +55,33 @@ class Conn:
         self.events: set[str] = set()
         self.closed = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL
+        self.task: asyncio.Task[Any] | None = None
+        """The connection's own task, cancelled by :meth:`shut` to end a blocked read."""
+        self.shut_cancelled = False
         self._send = send
         self._buf: deque[str] = deque()
         self._max = maxlen
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None
         self._full_since: float | None = None
         self._slow_timeout = slow_timeout
+        # Idle connections have no writer task: one is started when frames are queued and
+        # ends when the buffer is empty (memory per idle connection matters at 10k+).
         self._writer: asyncio.Task[None] | None = None
-        self._drained = asyncio.Event()
-        self._space = asyncio.Event()
+        self._space: asyncio.Event | None = None
+        self._started = False
         # room -> live (id, frame) pairs held back while a `since` replay is read
         self.replaying: dict[str, list[tuple[str, str]]] = {}
         self.inflight = asyncio.Semaphore(1)
 
     def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.user}")
+        self._started = True
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+        if self._started and self._writer is None and self._buf:
+            self._writer = asyncio.create_task(self._write_loop())
 
     def offer(self, frame: str, msg_id: str | None = None) -> bool:
         """Queue ``frame`` for this client; False (and counted) when it was dropped."""
@@ -84,8 +98,7 @@ class Conn:
                 self.shut(CloseCode.SLOW_CONSUMER)
             return False
         self._buf.append(frame)
-        self._drained.clear()
-        self._wake.set()
+        self._kick()
         return True
 
     async def put(self, frame: str, msg_id: str | None = None) -> bool:
@@ -96,6 +109,8 @@ class Conn:
         while len(self._buf) >= self._max:
             if self.closed.is_set():
                 return False
+            if self._space is None:
+                self._space = asyncio.Event()
             self._space.clear()
             try:
                 async with asyncio.timeout(self._slow_timeout):
@@ -106,43 +121,51 @@ class Conn:
                 return False
         return self.offer(frame, msg_id)
 
+    def made_room(self) -> None:
+        """The buffer drained below half: the client reads again."""
+        self._full_since = None
+        if self._space is not None:
+            self._space.set()
+
     def shut(self, code: int) -> None:
-        """Ask the connection to close with ``code`` (idempotent)."""
-        if not self.closed.is_set():
-            self.close_code = code
-            self.closed.set()
+        """Close the connection with ``code`` (idempotent); interrupts its blocked read."""
+        if self.closed.is_set():
+            return
+        self.close_code = code
+        self.closed.set()
+        task = self.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            self.shut_cancelled = True
+            task.cancel()
 
     async def _write_loop(self) -> None:
         buf = self._buf
         try:
-            while True:
-                await self._wake.wait()
-                while buf:
-                    frame = buf.popleft()
-                    await self._send({"type": "websocket.send", "text": frame})
-                    if len(buf) < self._max // 2:
-                        self._full_since = None
-                        self._space.set()
-                self._wake.clear()
-                self._drained.set()
+            while buf:
+                frame = buf.popleft()
+                await self._send({"type": "websocket.send", "text": frame})
+                if len(buf) < self._max // 2:
+                    self.made_room()
         except asyncio.CancelledError:
             raise
         except Exception:
             # The socket went away under us: the read side notices and cleans up.
             self.shut(CloseCode.GOING_AWAY)
+        finally:
+            self._writer = None
 
     async def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        self._started = False
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
             try:
-                await self._writer
+                await writer
             except (asyncio.CancelledError, Exception):
                 pass
 
     async def flush(self, within: float) -> None:
         """Wait (at most ``within`` seconds) until the buffer is written, before a close."""
-        if not self._buf or self._writer is None or self._writer.done():
-            return
-        drained = asyncio.ensure_future(self._drained.wait())
-        await asyncio.wait({self._writer, drained}, timeout=within, return_when="FIRST_COMPLETED")
-        drained.cancel()
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait({writer}, timeout=within)

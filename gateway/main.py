@@ -21,7 +21,7 @@ def run(settings: GatewaySettings) -> None:
         settings,
         # uvicorn's "websockets" protocol closes invalid UTF-8 with 1007 cleanly; the default
         # sans-I/O one (uvicorn 0.54) closes too but logs a traceback per bad frame.
-        ws="websockets",
+        ws=settings.ws_protocol,
         ws_max_size=settings.max_frame_bytes,
         # Compression costs CPU per client and invites decompression bombs.
         ws_per_message_deflate=False,

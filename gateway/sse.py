@@ -42,24 +42,24 @@ class SseConn(Conn):
 
     def start(self) -> None:
         """No writer task: :meth:`body` drains the buffer into the HTTP response."""
+        self._wake = asyncio.Event()
 
     async def body(self) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
-        buf = self._buf
+        buf, wake = self._buf, self._wake
+        assert wake is not None
         while not self.closed.is_set():
             if not buf:
-                self._drained.set()
-                self._wake.clear()
+                wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(KEEPALIVE):
-                        await self._wake.wait()
+                        await wake.wait()
                 if not buf:
                     yield b": keepalive\n\n"
                     continue
             chunk = "".join(buf)
             buf.clear()
-            self._full_since = None
-            self._space.set()
+            self.made_room()
             yield chunk.encode()
 
 
@@ -107,6 +107,7 @@ def sse_handler(gw: Gateway) -> HTTPRouteHandler:
         conn = SseConn(
             _no_send, identity.user, identity.verified, s.send_queue, s.slow_client_timeout
         )
+        conn.start()
         return Stream(
             _stream(gw, conn, identity, rooms, events, last, ip),
             media_type="text/event-stream",

@@ -141,15 +141,20 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, left), conn.shut, CloseCode.TOKEN_EXPIRED
         )
-    reader = asyncio.create_task(_read_loop(gw, socket, session), name=f"reader-{identity.user}")
-    closer = asyncio.create_task(conn.closed.wait())
+    conn.task = asyncio.current_task()
     try:
-        await asyncio.wait({reader, closer}, return_when=asyncio.FIRST_COMPLETED)
+        await _read_loop(gw, socket, session)
+    except asyncio.CancelledError:
+        # shut() interrupts a blocked read this way; any other cancellation goes on up.
+        if not conn.shut_cancelled:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
     finally:
+        conn.task = None
         if expiry is not None:
             expiry.cancel()
-        reader.cancel()
-        closer.cancel()
         gw.hub.remove(conn)
         if conn.close_code != CloseCode.GOING_AWAY:
             await conn.flush(0.5)
