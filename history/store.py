@@ -18,7 +18,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from proto import subjects
 from proto.bus import ChatMessage, DirectMessage, utcnow
@@ -61,15 +61,31 @@ class Store:
         await ensure_stream(self.js, stream_config(self.settings))
 
     async def append(self, subject: str, msg_id: str, payload: bytes) -> tuple[int, bool]:
-        """Store one message (idempotent by ``msg_id``); returns (stream seq, was a duplicate)."""
-        fut = await self.js.publish_async(
-            subject,
-            payload,
-            headers={"Nats-Msg-Id": msg_id},
-            wait_stall=self.settings.history_store_timeout,
-        )
-        ack = await asyncio.wait_for(fut, self.settings.history_store_timeout)
-        return ack.seq, bool(ack.duplicate)
+        """Store one message (idempotent by ``msg_id``); returns (stream seq, was a duplicate).
+
+        While the stream has no leader (a cluster node died; the election takes seconds) the
+        server answers "no responders" at once: try again until the store timeout, so the
+        sender's ack follows the election instead of waiting for the sender's next resend.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.history_store_timeout
+        delay = 0.1
+        while True:
+            fut = await self.js.publish_async(
+                subject,
+                payload,
+                headers={"Nats-Msg-Id": msg_id},
+                wait_stall=self.settings.history_store_timeout,
+            )
+            try:
+                ack = await asyncio.wait_for(fut, max(0.01, deadline - loop.time()))
+            except NoStreamResponseError:
+                if loop.time() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            return ack.seq, bool(ack.duplicate)
 
     # -- reading ----------------------------------------------------------------------
     async def _read(
