@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 from services.http import serve
 from services.logs import setup_logging
 
+from . import metrics
 from .app import create_app
 from .settings import GatewaySettings
 
+_BAD_UTF8 = "Invalid UTF-8 sequence received from client."
+
+
+class ClientFaultFilter(logging.Filter):
+    """uvicorn (0.54, sans-I/O protocol) closes a connection that sends invalid UTF-8 with
+    1007, correctly, but logs it as an error with a traceback. It is the client's fault:
+    count it, log one line (at most every 5 s), no traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != _BAD_UTF8:
+            return True
+        metrics.CLIENT_ERRORS.labels("invalid_utf8").inc()
+        now = time.monotonic()
+        if now - self._last < 5.0:
+            return False
+        self._last = now
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "closed a connection that sent invalid UTF-8 (1007)"
+        return True
+
 
 def run(settings: GatewaySettings) -> None:
-    # We pick uvicorn's "websockets" protocol on purpose (clean 1007 on bad UTF-8); its
-    # deprecation notice is for the default choice, not for an explicit one.
+    # The legacy "websockets" protocol is still selectable; its deprecation notice is noise.
     warnings.filterwarnings("ignore", message=".*websockets. implementation is deprecated")
     setup_logging("gateway", settings.log_level)
+    logging.getLogger("uvicorn.error").addFilter(ClientFaultFilter())
     serve(
         create_app(settings),
         settings,
-        # uvicorn's "websockets" protocol closes invalid UTF-8 with 1007 cleanly; the default
-        # sans-I/O one (uvicorn 0.54) closes too but logs a traceback per bad frame.
         ws=settings.ws_protocol,
         ws_max_size=settings.max_frame_bytes,
         # Compression costs CPU per client and invites decompression bombs.
