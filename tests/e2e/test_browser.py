@@ -1,0 +1,306 @@
+"""The chat page in headless Chromium: two pages on two gateways, presence, typing, acks,
+offline and back with the missed messages once, scroll-back into history, unread counts,
+gateway errors, and user text that stays text.
+
+``ROOMBUS_SCREENSHOT=docs/screenshot.png`` makes the conversation test write the README's
+screenshot there (it always writes one under the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServiceFactory
+from tests.support.client import Client
+from tests.support.procs import NatsServer, ServiceProc
+
+pytest.importorskip("playwright", reason="the Python package playwright is missing")
+
+from playwright.async_api import Browser, Dialog, Locator, Page, expect  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+T = 20_000  # ms: generous, the machine is shared
+RECONNECT_T = 60_000  # backoff is capped at 15 s; a restart and a retry fit well inside
+
+
+@dataclass
+class Chat:
+    """One browser page of the chat, with what went wrong inside it."""
+
+    page: Page
+    user: str
+    errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def msgs(self, text: str | None = None) -> Locator:
+        loc = self.page.locator("#log li.msg")
+        return loc if text is None else loc.filter(has=self.page.get_by_text(text, exact=True))
+
+    def texts(self) -> Locator:
+        return self.page.locator("#log li.msg .text")
+
+    async def say(self, text: str) -> None:
+        await self.page.fill("#text", text)
+        await self.page.press("#text", "Enter")
+
+    def assert_clean(self) -> None:
+        assert self.errors == [], f"{self.user}: JavaScript errors {self.errors}"
+        assert self.dialogs == [], f"{self.user}: dialogs opened {self.dialogs}"
+
+
+async def open_chat(browser: Browser, gw: ServiceProc, user: str, room: str) -> Chat:
+    ctx = await browser.new_context(viewport={"width": 800, "height": 540}, device_scale_factor=1)
+    page = await ctx.new_page()
+    chat = Chat(page, user)
+    page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
+
+    async def on_dialog(dialog: Dialog) -> None:
+        chat.dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    await page.goto(f"{gw.http}/?user={user}&room={room}", timeout=T)
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+    await expect(page.locator(f'#rooms li[data-room="{room}"]:not(.pending)')).to_have_count(
+        1, timeout=T
+    )
+    return chat
+
+
+async def save_screenshot(browser: Browser, left: Chat, right: Chat, path: Path) -> None:
+    """Both pages side by side in one PNG (composed by the browser itself: no image library)."""
+    shots = []
+    for chat in (left, right):
+        png = await chat.page.screenshot()
+        shots.append(base64.b64encode(png).decode())
+    figures = "".join(
+        f'<figure><figcaption>{label}</figcaption><img src="data:image/png;base64,{b64}"></figure>'
+        for label, b64 in zip(
+            (f"{left.user} on gateway A", f"{right.user} on gateway B"), shots, strict=True
+        )
+    )
+    page = await browser.new_page(viewport={"width": 1660, "height": 600}, device_scale_factor=1)
+    await page.set_content(
+        "<style>body{margin:0;padding:14px;background:#c9ced8;display:flex;gap:14px;"
+        "font:600 13px system-ui,sans-serif;color:#1b2130}figure{margin:0}"
+        "figcaption{padding:0 2px 6px}img{display:block;border-radius:8px;"
+        "box-shadow:0 2px 10px rgba(0,0,0,.18)}</style>" + figures
+    )
+    await page.locator("img").nth(1).wait_for(timeout=T)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(path), full_page=True)
+    await page.close()
+
+
+async def test_two_pages_on_two_gateways_chat_with_presence_typing_and_acks(
+    nats_server: NatsServer,
+    services: ServiceFactory,
+    browser: Browser,
+    room: str,
+    tmp_path: Path,
+) -> None:
+    services("history", nats_server)
+    services("presence", nats_server)
+    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    alice = await open_chat(browser, ga, "alice", room)
+    bob = await open_chat(browser, gb, "bob", room)
+
+    # Presence across gateways: each page lists both, itself marked.
+    await expect(alice.page.locator("#members li")).to_have_text(["alice (you)", "bob"], timeout=T)
+    await expect(bob.page.locator("#members li")).to_have_text(["alice", "bob (you)"], timeout=T)
+
+    await alice.say("Hi Bob! This went through gateway A.")
+    await expect(bob.texts()).to_have_text(["Hi Bob! This went through gateway A."], timeout=T)
+    # Sender and time on the receiving side; own message marked and acked (stored) on alice's.
+    received = bob.msgs().first
+    await expect(received.locator(".who")).to_have_text("alice")
+    await expect(received.locator("time")).not_to_have_text("")
+    await expect(received).not_to_have_class("msg mine")
+    sent = alice.msgs().first
+    await expect(sent).to_have_class("msg mine")
+    await expect(sent).to_have_attribute("data-state", "stored", timeout=T)
+    await expect(sent.locator(".status")).to_have_text("\u2713")
+
+    # Typing: bob starts typing, alice's page says so.
+    await bob.page.fill("#text", "Hey")
+    await expect(alice.page.locator("#typing")).to_have_text("bob is typing\u2026", timeout=T)
+    await bob.page.press("#text", "Enter")
+    await expect(alice.page.locator("#typing")).to_have_text("", timeout=T)
+
+    await alice.say("Rooms work across processes: NATS carries every message.")
+    await bob.say("Nice \u2014 and presence shows both of us.")
+    conversation = [
+        "Hi Bob! This went through gateway A.",
+        "Hey",
+        "Rooms work across processes: NATS carries every message.",
+        "Nice \u2014 and presence shows both of us.",
+    ]
+    for chat in (alice, bob):
+        await expect(chat.texts()).to_have_text(conversation, timeout=T)
+        await expect(
+            chat.page.locator('#log li.msg.mine:not([data-state="stored"])')
+        ).to_have_count(0, timeout=T)
+    assert await alice.page.locator("#conn-pill").text_content() == "online"
+    # Keystrokes over a few seconds, as a person types (typing hints are rate-limited).
+    await alice.page.locator("#text").press_sequentially("Next: scroll-back into hist", delay=100)
+    await expect(bob.page.locator("#typing")).to_have_text("alice is typing\u2026", timeout=T)
+
+    shot = tmp_path / "screenshot.png"
+    await save_screenshot(browser, alice, bob, shot)
+    assert shot.stat().st_size > 10_000
+    wanted = os.environ.get("ROOMBUS_SCREENSHOT")
+    if wanted:
+        shutil.copyfile(shot, ROOT / wanted)
+    alice.assert_clean()
+    bob.assert_clean()
+
+
+async def test_page_whose_gateway_restarts_shows_missed_messages_exactly_once(
+    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+) -> None:
+    services("history", nats_server)
+    services("presence", nats_server)
+    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    alice = await open_chat(browser, ga, "alice", room)
+    bob = await open_chat(browser, gb, "bob", room)
+    await alice.say("before")
+    await expect(bob.texts()).to_have_text(["before"], timeout=T)
+
+    assert gb.terminate() == 0  # bob's gateway goes away (clients closed with 1012)
+    await expect(bob.page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
+    await expect(alice.page.locator("#members li")).to_have_text(["alice (you)"], timeout=T)
+
+    missed = [f"missed {i}" for i in range(1, 4)]
+    for text in missed:
+        await alice.say(text)
+    await expect(alice.page.locator('#log li.msg[data-state="stored"]')).to_have_count(4, timeout=T)
+    # bob writes while offline: queued on the page, sent once the connection is back.
+    await bob.say("written while offline")
+    await expect(bob.msgs("written while offline")).to_have_attribute(
+        "data-state", "queued", timeout=T
+    )
+
+    gb.start()  # the same port: bob's page finds it again by itself (backoff with jitter)
+    await expect(bob.page.locator("#conn")).to_have_attribute(
+        "data-state", "online", timeout=RECONNECT_T
+    )
+    everything = ["before", *missed, "written while offline"]
+    await expect(bob.texts()).to_have_text(everything, timeout=T)
+    await expect(alice.texts()).to_have_text(everything, timeout=T)
+    await expect(bob.msgs("written while offline")).to_have_attribute(
+        "data-state", "stored", timeout=T
+    )
+    await expect(alice.page.locator("#members li")).to_have_text(["alice (you)", "bob"], timeout=T)
+    # Still exactly once each after everything settled (no late duplicate from a retry).
+    await expect(alice.page.locator('#log li.msg.mine:not([data-state="stored"])')).to_have_count(0)
+    assert await bob.texts().all_text_contents() == everything
+    assert await alice.texts().all_text_contents() == everything
+    alice.assert_clean()
+    bob.assert_clean()
+
+
+async def test_html_in_messages_is_shown_as_text(
+    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+) -> None:
+    services("history", nats_server)
+    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    alice = await open_chat(browser, ga, "alice", room)
+    bob = await open_chat(browser, gb, "bob", room)
+    payloads = [
+        "<img src=x onerror=alert(1)>",
+        "<script>alert(2)</script>",
+        '<b>bold</b> &amp; "quotes" <a href="javascript:alert(3)">link</a>',
+    ]
+    for text in payloads:
+        await alice.say(text)
+    for chat in (alice, bob):
+        await expect(chat.texts()).to_have_text(payloads, timeout=T)
+        for tag in ("img", "script", "b", "a"):
+            assert await chat.page.locator(f"#log {tag}").count() == 0, tag
+        chat.assert_clean()
+    # The DOM holds the characters, not markup.
+    html = await bob.texts().first.inner_html()
+    assert html == "&lt;img src=x onerror=alert(1)&gt;"
+
+
+async def test_scrolling_up_loads_older_history_pages(
+    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+) -> None:
+    services("history", nats_server)
+    g = services("gateway", nats_server)
+    writer = await Client.open(g.ws_url, "carol")
+    await writer.join(room)
+    texts = [f"m{i:03d}" for i in range(120)]
+    for i, text in enumerate(texts):
+        await writer.send("chat.message", room=room, text=text, client_id=f"seed-{i}")
+    await writer.wait(lambda _: len(writer.of("ack")) == len(texts), 30, "120 storage acks")
+
+    reader = await open_chat(browser, g, "dave", room)
+    page = reader.page
+    await expect(reader.texts()).to_have_text(texts[-50:], timeout=T)  # the latest page
+    for _ in range(10):  # 120 = 50 + 50 + 20: a few scrolls to the top, bounded
+        if await page.locator("#topnote").text_content() == f"beginning of #{room}":
+            break
+        count = await reader.texts().count()
+        await page.eval_on_selector("#scroller", "el => { el.scrollTop = 0; }")
+        await page.wait_for_function(
+            f"document.querySelectorAll('#log li.msg').length > {count}"
+            f" || document.getElementById('topnote').textContent.startsWith('beginning')",
+            timeout=T,
+        )
+    await expect(reader.texts()).to_have_text(texts, timeout=T)
+    await expect(page.locator("#topnote")).to_have_text(f"beginning of #{room}")
+    reader.assert_clean()
+
+
+async def test_unread_counts_rooms_and_gateway_errors_are_shown(
+    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+) -> None:
+    services("history", nats_server)
+    g = services("gateway", nats_server, TEXT_MAX=40)
+    other = room + "b"
+    chat = await open_chat(browser, g, "erin", room)
+    page = chat.page
+    # Join a second room from the form: it becomes the open one.
+    await page.fill("#newroom", other)
+    await page.press("#newroom", "Enter")
+    await expect(
+        page.locator(f'#rooms li[data-room="{other}"].active:not(.pending)')
+    ).to_have_count(1, timeout=T)
+    await expect(page.locator("#roomtitle")).to_have_text("#" + other)
+
+    frank = await Client.open(g.ws_url, "frank")
+    await frank.join(room)
+    for text in ("one", "two"):
+        await frank.send("chat.message", room=room, text=text)
+    first_room = page.locator(f'#rooms li[data-room="{room}"]')
+    await expect(first_room.locator(".unread")).to_have_text("2", timeout=T)
+    await expect(chat.texts()).to_have_count(0)
+    await first_room.click()
+    await expect(first_room.locator(".unread")).to_have_count(0)
+    await expect(chat.texts()).to_have_text(["one", "two"], timeout=T)
+
+    # The gateway refuses a text over TEXT_MAX: the error is shown and the message marked.
+    await chat.say("x" * 60)
+    error = page.locator('#errors li[data-code="text_too_long"]')
+    await expect(error).to_have_count(1, timeout=T)
+    await expect(error.locator(".msgtext")).to_contain_text("40")
+    await expect(chat.msgs("x" * 60)).to_have_attribute("data-state", "failed", timeout=T)
+    await error.locator("button").click()
+    await expect(error).to_have_count(0)
+
+    # A bad room name never reaches the wire; leaving removes the room from the list.
+    await page.fill("#newroom", "no.dots")
+    await page.press("#newroom", "Enter")
+    await expect(page.locator('#errors li[data-code="bad_name"]')).to_have_count(1, timeout=T)
+    await page.locator(f'#rooms li[data-room="{other}"] button.leave').click()
+    await expect(page.locator("#rooms li")).to_have_count(1)
+    chat.assert_clean()
