@@ -21,6 +21,7 @@ from .settings import BridgeSettings
 log = logging.getLogger("roombus.bridge.inbound")
 
 DIRECTION = "redis_to_nats"
+YIELD_EVERY = 32
 
 
 class Inbound:
@@ -46,6 +47,7 @@ class Inbound:
                     await pubsub.psubscribe(rproto.ALL_ROOMS_PATTERN)
                 else:
                     await pubsub.subscribe(*(rproto.channel(r) for r in rooms))
+                burst = 0
                 while not stop.is_set():
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None:
@@ -53,6 +55,12 @@ class Inbound:
                         if self.subscribed:
                             failures = 0
                             backoff.reset()
+                    burst += 1
+                    if burst == YIELD_EVERY:
+                        # Buffered messages never suspend get_message: let the lease renew
+                        # (and NATS flush) under a flood, or the lease would lapse.
+                        burst = 0
+                        await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN as exc:

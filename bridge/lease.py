@@ -52,6 +52,8 @@ class Lease:
     async def tick(self) -> bool:
         """Take or renew the lease (one round trip); returns ``held``."""
         was = self.held
+        if not was and self._valid_until:
+            log.warning("lease lapsed before its renewal ran: event loop overloaded?")
         sent = time.monotonic()
         try:
             got = await self.redis.eval(_RENEW, 1, self.key, self.token, int(self.ttl * 1000))
@@ -63,7 +65,7 @@ class Lease:
             got = None  # keep trusting what we had until it runs out
         if got == 1:
             self._valid_until = sent + self.ttl * TRUST
-        elif got is not None:
+        elif got is not None or not self.held:
             self._valid_until = 0.0
         now = self.held
         if now != was:

@@ -9,6 +9,7 @@ it was not set before. Batches go out pipelined, in arrival order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict, deque
 
@@ -28,6 +29,7 @@ log = logging.getLogger("roombus.bridge.outbound")
 
 DIRECTION = "nats_to_redis"
 RECENT_IDS = 65_536
+YIELD_EVERY = 32
 
 _PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then
@@ -45,6 +47,9 @@ class Outbound:
         self.redis_ok = False
         self._queue: deque[tuple[str, str, bytes]] = deque()
         self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._burst = 0
+        self._sha: str | None = None
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._badlog = RateLimitedLog(log)
         self._ttl_ms = int(settings.bridge_dedupe_ttl * 1000)
@@ -71,13 +76,25 @@ class Outbound:
         self._recent[chat.id] = None
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
-        if len(self._queue) >= self.settings.bridge_queue:
+        while len(self._queue) >= self.settings.bridge_queue and self.redis_ok:
+            # Redis is up but slower than NATS: hold the subscription (its pending queue
+            # absorbs the burst) until the writer made room.
+            self._space.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._space.wait(), 1.0)
+        if len(self._queue) >= self.settings.bridge_queue:  # Redis down: keep the newest
             self._queue.popleft()
             metrics.DROPPED.labels(DIRECTION, "overflow").inc()
             self._badlog.warning("overflow", "Redis queue full: dropped the oldest message")
         self._queue.append((rproto.sent_key(chat.id), rproto.channel(room), rproto.envelope(chat)))
         metrics.QUEUED.set(len(self._queue))
         self._wake.set()
+        self._burst += 1
+        if self._burst >= YIELD_EVERY:
+            # Callbacks for queued NATS messages never suspend on their own: let the writer
+            # and the lease renewal run under a flood.
+            self._burst = 0
+            await asyncio.sleep(0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish queued envelopes to Redis until ``stop``; retry while Redis is down."""
@@ -121,6 +138,7 @@ class Outbound:
                 backoff.reset()
                 for _ in batch:
                     self._queue.popleft()
+                self._space.set()
                 metrics.QUEUED.set(len(self._queue))
                 sent = sum(1 for r in results if r != -1)
                 metrics.FORWARDED.labels(DIRECTION).inc(sent)
@@ -130,10 +148,16 @@ class Outbound:
             await client.aclose()
 
     async def _send(self, client: Redis, batch: list[tuple[str, str, bytes]]) -> list[object]:
-        async with client.pipeline(transaction=False) as pipe:
-            for key, channel, payload in batch:
-                pipe.eval(_PUBLISH_ONCE, 1, key, channel, payload, self._ttl_ms)
-            return list(await pipe.execute())
+        if self._sha is None:  # (re)load after every failure: a restarted Redis forgot it
+            self._sha = str(await client.script_load(_PUBLISH_ONCE))
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for key, channel, payload in batch:
+                    pipe.evalsha(self._sha, 1, key, channel, payload, self._ttl_ms)
+                return list(await pipe.execute())
+        except BaseException:
+            self._sha = None
+            raise
 
 
 async def _wait(stop: asyncio.Event, delay: float) -> None:
