@@ -186,7 +186,10 @@ def busiest(nodes: list[NatsServer]) -> NatsServer:
     return max(nodes, key=score)
 
 
-def survivor(cluster: NatsCluster, down: NatsServer) -> NatsServer:
+async def survivor(cluster: NatsCluster, down: NatsServer) -> NatsServer:
+    """A node still up, once the survivors agree on a JetStream meta leader: reading the
+    stream creates a consumer, which needs one (the killed node may have been it)."""
+    await asyncio.to_thread(cluster.wait_formed, 30)
     return next(n for n in cluster.nodes if n is not down and n.alive())
 
 
@@ -239,7 +242,7 @@ async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
     failover = traffic.silence(t_kill, time.monotonic())
     leader, election = await asyncio.wait_for(elected, 30)
     await traffic.finish()
-    alive = survivor(nats_cluster, victim)
+    alive = await survivor(nats_cluster, victim)
     acked, lost, errors = await check_stored_once(traffic, alive)
     retries = sum(g.metric("roombus_gateway_published_total", 'kind="retry"') for g in gateways)
     print(
@@ -287,7 +290,7 @@ async def test_kill_9_of_a_non_leader_node_stalls_nothing(
     await traffic.wait_acked_after(t_kill, 100)
     stall = traffic.silence(t_kill, time.monotonic())
     await traffic.finish()
-    acked, lost, errors = await check_stored_once(traffic, survivor(nats_cluster, victim))
+    acked, lost, errors = await check_stored_once(traffic, await survivor(nats_cluster, victim))
     print(
         f"\nkill -9 of {victim.name}, leader of nothing (meta leader {meta}, leaders {before};"
         f" it held {on_victim}): fan-out stopped for {stall:.2f}s on the worst path;"
@@ -313,7 +316,7 @@ async def test_sends_while_the_client_ids_leader_fails_over_are_delayed_not_reje
     await traffic.wait_acked_after(t_kill, 50)
     failover = traffic.silence(t_kill, time.monotonic())
     await traffic.finish()
-    acked, lost, errors = await check_stored_once(traffic, survivor(nats_cluster, victim))
+    acked, lost, errors = await check_stored_once(traffic, await survivor(nats_cluster, victim))
     # Sends that gave up waiting for the bucket and went on with a fresh id.
     fresh = sum(g.metric("roombus_gateway_client_id_unavailable_total") for g in gateways)
     print(

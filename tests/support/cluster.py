@@ -71,13 +71,16 @@ async def new_leader(urls: str, stream: str, old: str, timeout: float = 30.0) ->
 
 
 async def _step_down(urls: str, stream: str, preferred: str | None) -> None:
+    """Ask ``stream``'s leader to step down; the callers check the outcome and ask again
+    (a leader mid-election does not answer, a preferred peer still catching up is refused)."""
     body = json.dumps({"placement": {"preferred": preferred}}).encode() if preferred else b""
     nc = await nats.connect(urls.split(","), connect_timeout=2)
     try:
-        reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", body, timeout=5)
+        await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", body, timeout=2)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        pass
     finally:
         await nc.close()
-    assert json.loads(reply.data).get("success"), reply.data
 
 
 async def move_leader(urls: str, stream: str, to: str) -> None:
