@@ -158,6 +158,7 @@ def run_up(args: dict[str, Any]) -> int:
             {**env, "INSTANCE": "presence"},
         )
     )
+    bridge_line = add_bridge_if_redis(children, py, env)
     for child in children:
         child.start()
 
@@ -173,6 +174,7 @@ def run_up(args: dict[str, Any]) -> int:
         + "".join(f"  chat page: http://{args['host']}:{p}/\n" for p in gw_ports)
         + f"  history:   {args['history']} replicas (stream HISTORY)\n"
         + "  presence:  1 (bucket presence)\n"
+        + bridge_line
         + f"  watch:     nats sub 'room.>' --server {nats_url}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
@@ -223,3 +225,28 @@ def run_up(args: dict[str, Any]) -> int:
             broker.stop()
         print("roombus up: stopped", file=sys.stderr, flush=True)
     return code
+
+
+def add_bridge_if_redis(children: list[Child], py: list[str], env: dict[str, str]) -> str:
+    """Add the Redis bridge when ``REDIS_URL`` answers a PING; returns the banner line."""
+    url = env.get("REDIS_URL", "redis://127.0.0.1:6379")
+    scheme, sep, rest = url.partition("://")
+    shown = f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url  # no password
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return f"  bridge:    off (Redis {shown} did not answer PING: {type(exc).__name__})\n"
+    children.append(
+        Child(
+            "bridge",
+            [*py, "bridge", "--port", str(free_port())],
+            {**env, "REDIS_URL": url, "INSTANCE": "bridge"},
+        )
+    )
+    return f"  bridge:    on (Redis {shown} room:* <-> NATS room.*.message)\n"

@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +31,14 @@ from proto.ids import is_id, new_id
 from proto.redis import envelope
 from tests.conftest import ServiceFactory
 from tests.support.client import Client
-from tests.support.procs import NatsServer, RedisServer, ServiceProc, wait_for
+from tests.support.procs import (
+    ROOT,
+    NatsServer,
+    RedisServer,
+    ServiceProc,
+    free_port,
+    wait_for,
+)
 
 
 def redis_cli(server: RedisServer, *args: str) -> str:
@@ -449,3 +460,89 @@ async def test_throughput_each_way(
         await r.aclose()
     print(f"\nbridge throughput: Redis->NATS {r2n:,.0f} msg/s, NATS->Redis {n2r:,.0f} msg/s")
     assert r2n > 500 and n2r > 500
+
+
+def _roombus_up(tmp_path: Path, gw_port: int, redis_url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--gateways",
+            "1",
+            "--history",
+            "1",
+            "--gateway-port",
+            str(gw_port),
+            "--nats-port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / "stack"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url, "BRIDGE_LEASE_TTL": "1.5"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.slow
+async def test_roombus_up_starts_the_bridge_when_redis_answers(
+    tmp_path: Path, redis_server: RedisServer, room: str
+) -> None:
+    port = free_port()
+    proc = _roombus_up(tmp_path, port, redis_server.url)
+    try:
+        c = await _open_when_up(f"ws://127.0.0.1:{port}/ws", "c")
+        await c.join(room)
+        async with redis_room(redis_server, room) as old_server:
+            # The bridge may still be starting: repeat until one copy made it across.
+            deadline = time.monotonic() + 30
+            while not c.texts(room):
+                assert time.monotonic() < deadline, "redis-cli publish never reached the stack"
+                redis_cli(redis_server, "publish", f"room:{room}", "via up")
+                with contextlib.suppress(AssertionError):
+                    await c.wait_texts(["via up"], room, timeout=1)
+            await c.send("chat.message", room=room, text="to redis")
+            await old_server.wait_texts(["to redis"])
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert f"bridge:    on (Redis {redis_server.url} " in text, text[-3000:]
+    assert proc.returncode == 0, text[-3000:]
+
+
+@pytest.mark.slow
+async def test_roombus_up_says_why_the_bridge_is_off(tmp_path: Path) -> None:
+    port = free_port()
+    proc = _roombus_up(tmp_path, port, f"redis://127.0.0.1:{free_port()}")
+    try:
+        c = await _open_when_up(f"ws://127.0.0.1:{port}/ws", "c")
+        await c.close()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert "bridge:    off (Redis redis://127.0.0.1:" in text and "did not answer PING" in text, (
+        text
+    )
+    assert proc.returncode == 0, text[-3000:]
+
+
+async def _open_when_up(url: str, user: str) -> Client:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await Client.open(url, user)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
