@@ -469,6 +469,55 @@ def check_history_and_presence(
     asyncio.run(go())
 
 
+def check_bridge(stack: Stack, url: str, room: str) -> None:
+    """Redis pub/sub ``room:<room>`` <-> the room, both ways, via the redis container's CLI."""
+    redis = stack.containers("redis")[0]
+    channel = f"room:{room}"
+
+    def redis_cli(*args: str) -> str:
+        return run("docker", "exec", redis, "redis-cli", *args, capture=True).stdout
+
+    # redis-cli buffers a subscriber's output when it is not a terminal: run it for a bounded
+    # time and read what it printed when it exits.
+    sub = subprocess.Popen(
+        ["docker", "exec", redis, "timeout", "8", "redis-cli", "subscribe", channel],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for(
+            "redis-cli to subscribe",
+            lambda: redis_cli("pubsub", "numsub", channel).split()[-1] != "0",
+            10,
+        )
+
+        async def go() -> None:
+            c = await Client.open(url, user="bridged")
+            await c.join(room)
+            # Redis -> WebSocket: publish until the bridge (once subscribed and holding its
+            # lease) forwards one; every copy carries the same text.
+            deadline = time.monotonic() + 30
+            while "from-redis" not in c.texts(room):
+                assert time.monotonic() < deadline, "nothing published on Redis reached the room"
+                await asyncio.to_thread(redis_cli, "publish", channel, "from-redis")
+                with contextlib.suppress(AssertionError):
+                    await c.wait(lambda _: "from-redis" in c.texts(room), timeout=1)
+            # WebSocket -> Redis.
+            await c.send("chat.message", room=room, text="to-redis")
+            await c.wait_texts(["to-redis"], room)
+            await c.close()
+
+        asyncio.run(go())
+        out, _ = sub.communicate(timeout=20)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
+    assert "to-redis" in out, f"the room's message never reached Redis: {out[-500:]}"
+    say("bridge: Redis publish reached the room, the room's message reached Redis")
+
+
 def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict[str, Any]:
     url = f"ws://127.0.0.1:{lb_port}/ws"
     report: dict[str, Any] = {}
@@ -507,6 +556,9 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
 
     if "presence" in services:
         asyncio.run(presence_round())
+
+    if "bridge" in services:
+        check_bridge(stack, url, room)
 
     # An unhealthy replica (paused: /readyz stops answering) is taken out, then back in.
     paused = stack.containers("gateway")[0]
