@@ -64,6 +64,9 @@ class Inbound:
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN as exc:
+                # Redis may come back without the lease key and another replica may take
+                # it before our next renewal: stop forwarding until we hold it again.
+                self.lease.drop()
                 failures += 1
                 if failures == 1 or failures % 30 == 0:
                     log.warning(
@@ -107,6 +110,9 @@ class Inbound:
             chat = rproto.parse_redis_payload(raw, room, self.settings.bridge_user)
         except rproto.RedisDropError as exc:
             self._drop(exc.reason.value, "dropped Redis payload", channel=channel, error=exc.detail)
+            return
+        except Exception as exc:  # whatever Redis carries must never stop the subscription
+            self._drop("error", "Redis payload not understood", channel=channel, error=repr(exc))
             return
         if chat is None:  # our own envelope, published NATS -> Redis: never back again
             metrics.DROPPED.labels(DIRECTION, "echo").inc()

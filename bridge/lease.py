@@ -54,6 +54,7 @@ class Lease:
         was = self.held
         if not was and self._valid_until:
             log.warning("lease lapsed before its renewal ran: event loop overloaded?")
+            self._valid_until = 0.0
         sent = time.monotonic()
         try:
             got = await self.redis.eval(_RENEW, 1, self.key, self.token, int(self.ttl * 1000))
@@ -62,16 +63,25 @@ class Lease:
             if self.redis_ok:
                 log.warning("redis unreachable for the lease", extra={"error": repr(exc)[:200]})
             self.redis_ok = False
-            got = None  # keep trusting what we had until it runs out
+            got = 0
         if got == 1:
             self._valid_until = sent + self.ttl * TRUST
-        elif got is not None or not self.held:
+        else:
+            # Not renewed, or Redis unreachable: stop at once. Redis may have restarted
+            # without the key and another replica may already hold a new one.
             self._valid_until = 0.0
         now = self.held
         if now != was:
             log.info("lease " + ("taken: forwarding Redis -> NATS" if now else "lost: standby"))
         metrics.ACTIVE.set(1 if now else 0)
         return now
+
+    def drop(self) -> None:
+        """Stop trusting the lease now (this replica's Redis connection failed)."""
+        if self._valid_until:
+            self._valid_until = 0.0
+            metrics.ACTIVE.set(0)
+            log.info("lease dropped: Redis connection lost, standby until it is taken again")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Renew (or try to take) the lease every third of its TTL until ``stop``."""
