@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from proto import subjects
 from proto.bus import ChatMessage, utcnow
 from proto.ids import is_id, new_id
-from proto.redis import envelope
+from proto.redis import RedisEnvelopeOut, channel, envelope, parse_channel, parse_redis_payload
 from tests.conftest import ServiceFactory
 from tests.support.client import Client
 from tests.support.procs import (
@@ -546,3 +546,25 @@ async def _open_when_up(url: str, user: str) -> Client:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+def test_envelope_to_redis_is_the_documented_shape() -> None:
+    msg = ChatMessage(
+        id=new_id(), room="general", user="alice", text="hi", ts=utcnow(), client_id="c1"
+    )
+    raw = envelope(msg)
+    out = RedisEnvelopeOut.model_validate_json(raw)
+    assert out.data.via == "roombus" and out.data.id == msg.id
+    assert "client_id" not in orjson.loads(raw)["data"]
+    # ... and the bridge never takes it back in.
+    assert parse_redis_payload(raw, "general", "redis") is None
+
+
+def test_redis_channel_names_follow_the_room_rule() -> None:
+    assert channel("general") == "room:general"
+    assert parse_channel(b"room:team-1_a") == "team-1_a"
+    for bad in ("room:", "room:a.b", "room:a*", "room:a b", "rooms:x", "room:" + "a" * 65):
+        assert parse_channel(bad) is None
+    assert parse_channel(b"room:\xff") is None
+    with pytest.raises(ValueError):
+        channel("a.b")
