@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jwt
 import pytest
 
 from tests.conftest import ServiceFactory
@@ -24,7 +26,8 @@ pytest.importorskip("playwright", reason="the Python package playwright is missi
 
 from playwright.async_api import Browser, Dialog, Locator, Page, expect  # noqa: E402
 
-pytestmark = pytest.mark.browser
+# The first test may install Chromium (apt) during its setup: room for that in the bound.
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(480)]
 
 ROOT = Path(__file__).resolve().parents[2]
 T = 20_000  # ms: generous, the machine is shared
@@ -67,6 +70,12 @@ async def open_chat(browser: Browser, gw: ServiceProc, user: str, room: str) -> 
         await dialog.dismiss()
 
     page.on("dialog", on_dialog)
+    # Records when the page opens a WebSocket (s), to check the reconnect backoff.
+    await page.add_init_script(
+        "const Orig = window.WebSocket; window.__attempts = [];"
+        "window.WebSocket = class extends Orig { constructor(...a) {"
+        " window.__attempts.push(performance.now() / 1000); super(...a); } };"
+    )
     await page.goto(f"{gw.http}/?user={user}&room={room}", timeout=T)
     await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
     await expect(page.locator(f'#rooms li[data-room="{room}"]:not(.pending)')).to_have_count(
@@ -174,6 +183,7 @@ async def test_page_whose_gateway_restarts_shows_missed_messages_exactly_once(
     await alice.say("before")
     await expect(bob.texts()).to_have_text(["before"], timeout=T)
 
+    await bob.page.evaluate("window.__attempts = []")
     assert gb.terminate() == 0  # bob's gateway goes away (clients closed with 1012)
     await expect(bob.page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
     await expect(alice.page.locator("#members li")).to_have_text(["alice (you)"], timeout=T)
@@ -192,6 +202,11 @@ async def test_page_whose_gateway_restarts_shows_missed_messages_exactly_once(
     await expect(bob.page.locator("#conn")).to_have_attribute(
         "data-state", "online", timeout=RECONNECT_T
     )
+    # Backoff: a handful of attempts, each wait longer than the one before (jitter aside).
+    attempts: list[float] = await bob.page.evaluate("window.__attempts")
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert 2 <= len(attempts) <= 12, attempts
+    assert all(later > earlier * 0.9 for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
     everything = ["before", *missed, "written while offline"]
     await expect(bob.texts()).to_have_text(everything, timeout=T)
     await expect(alice.texts()).to_have_text(everything, timeout=T)
@@ -304,3 +319,36 @@ async def test_unread_counts_rooms_and_gateway_errors_are_shown(
     await page.locator(f'#rooms li[data-room="{other}"] button.leave').click()
     await expect(page.locator("#rooms li")).to_have_count(1)
     chat.assert_clean()
+
+
+async def test_signed_token_names_the_user_and_a_bad_token_stops_retrying(
+    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+) -> None:
+    services("history", nats_server)
+    secret = "browser-test-secret-0123456789abcdef"
+    g = services("gateway", nats_server, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
+    token = jwt.encode({"sub": "grace", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    # The token rides in the fragment (never sent in a URL) and goes out in the `auth` frame.
+    ctx = await browser.new_context()
+    page = await ctx.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    await page.goto(f"{g.http}/?user=mallory&room={room}#token={token}", timeout=T)
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+    await expect(page.locator("#me")).to_have_text("you are grace")
+    await expect(page.locator("#name")).to_be_disabled()
+    await expect(page.locator(f'#rooms li[data-room="{room}"]:not(.pending)')).to_have_count(
+        1, timeout=T
+    )
+    await page.fill("#text", "signed")
+    await page.press("#text", "Enter")
+    mine = page.locator("#log li.msg.mine")
+    await expect(mine).to_have_attribute("data-state", "stored", timeout=T)
+    await expect(mine.locator(".who")).to_have_text("grace")
+
+    bad = await ctx.new_page()
+    await bad.goto(f"{g.http}/?room={room}#token=not-a-token", timeout=T)
+    await expect(bad.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
+    await expect(bad.locator('#errors li[data-code="unauthorized"]')).to_have_count(1, timeout=T)
+    await expect(bad.locator("#conn-detail")).to_have_text("closed 4001")
+    assert page_errors == []
