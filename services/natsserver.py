@@ -166,6 +166,8 @@ class NatsCluster:
     name: str = "roombus"
     host: str = "127.0.0.1"
     client_ports: list[int] | None = None
+    sync_interval: str | None = None
+    """JetStream ``sync_interval`` of every node (``always``, ``2m``...); None: the default."""
     nodes: list[NatsServer] = field(default_factory=list)
 
     @property
@@ -223,6 +225,11 @@ class NatsCluster:
                 f'  listen: "{self.host}:{route_ports[i]}"\n'
                 f"  routes: [{routes}]\n"
                 "}\n"
+                + (
+                    f"jetstream {{ sync_interval: {self.sync_interval} }}\n"
+                    if self.sync_interval
+                    else ""
+                )
             )
             self.nodes.append(
                 NatsServer(

@@ -126,6 +126,7 @@ def run_up(args: dict[str, Any]) -> int:
             size=size,
             name="roombus-local",
             client_ports=nats_ports,
+            sync_interval=args.get("sync_interval"),
         )
         cluster.start(pdeathsig=True)
         brokers, nats_url, store = cluster.nodes, cluster.url, cluster.base_dir

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 
 from tests.conftest import ServiceFactory
@@ -339,6 +340,20 @@ async def replicas(urls: list[str], *streams: str) -> dict[str, int]:
         await nc.close()
 
 
+async def wait_replicas(urls: list[str], want: dict[str, int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    got: object = None
+    while time.monotonic() < deadline:
+        try:
+            got = await replicas(urls, *want)
+            if got == want:
+                return
+        except nats.js.errors.NotFoundError as exc:
+            got = exc
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"replicas {got!r}, want {want}")
+
+
 def exits_saying(proc: ServiceProc, text: str) -> None:
     wait_for(lambda: not proc.alive(), 20, f"{proc.service} to exit")
     assert text in proc.log(), proc.log()
@@ -415,7 +430,7 @@ async def test_roombus_up_nats_cluster_3_runs_the_stack_on_r3_and_ctrl_c_stops_a
         await b.wait_texts(["on a cluster"])
         await a.next("ack", 30, client_id="c1")  # once history provisioned HISTORY R3
         urls = [f"nats://127.0.0.1:{nats_port + i}" for i in range(3)]
-        assert await replicas(urls, *STREAMS) == dict.fromkeys(STREAMS, 3)
+        await wait_replicas(urls, dict.fromkeys(STREAMS, 3))  # presence may still be starting
         family = _descendants(proc.pid)
         assert len(family) >= 8  # 3 nats-server nodes, 2 gateways, 2 history, presence
         proc.send_signal(signal.SIGINT)
