@@ -8,7 +8,9 @@ screenshot there (it always writes one under the test's tmp dir).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import shutil
 import time
@@ -107,6 +109,83 @@ async def save_screenshot(browser: Browser, left: Chat, right: Chat, path: Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(path), full_page=True)
     await page.close()
+
+
+class Balancer:
+    """A TCP load balancer in miniature: round-robin over gateways, skipping refused ones.
+
+    ``closed = True`` plays "no healthy backend": new connections are dropped at once.
+    """
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.turn = 0
+        self.closed = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Balancer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in list(self._writers):
+            w.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        upstream = None
+        try:
+            upstream = None if self.closed else await self._connect()
+            if upstream is None:
+                return
+            up_reader, up_writer = upstream
+            self._writers.add(up_writer)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._tasks.discard(task)
+            for w in [writer, *([upstream[1]] if upstream else [])]:
+                w.close()
+                self._writers.discard(w)
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        for _ in self.ports:
+            port = self.ports[self.turn % len(self.ports)]
+            self.turn += 1
+            try:
+                return await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue  # that gateway is down: the next one
+        return None
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
 
 
 async def test_two_pages_on_two_gateways_chat_with_presence_typing_and_acks(
@@ -352,3 +431,49 @@ async def test_signed_token_names_the_user_and_a_bad_token_stops_retrying(
     await expect(bad.locator('#errors li[data-code="unauthorized"]')).to_have_count(1, timeout=T)
     await expect(bad.locator("#conn-detail")).to_have_text("closed 4001")
     assert page_errors == []
+
+
+async def test_page_behind_a_load_balancer_fails_over_to_another_gateway_and_replays(
+    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+) -> None:
+    services("history", nats_server)
+    gateways = [services("gateway", nats_server), services("gateway", nats_server)]
+    async with Balancer([g.port for g in gateways]) as lb:
+        ctx = await browser.new_context()
+        page = await ctx.new_page()
+        chat = Chat(page, "ivy")
+        page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
+        await page.goto(f"{lb.http}/?user=ivy&room={room}", timeout=T)
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=T)
+        await expect(page.locator(f'#rooms li[data-room="{room}"]:not(.pending)')).to_have_count(
+            1, timeout=T
+        )
+        # Which gateway did the balancer pick? The other one keeps serving.
+        counts = [g.metric("roombus_gateway_open_connections") for g in gateways]
+        assert sorted(counts) == [0, 1], counts
+        serving, survivor = (gateways[0], gateways[1]) if counts[0] else (gateways[1], gateways[0])
+        jack = await Client.open(survivor.ws_url, "jack")
+        await jack.join(room)
+        await jack.send("chat.message", room=room, text="first", client_id="j0")
+        await expect(chat.texts()).to_have_text(["first"], timeout=T)
+
+        lb.closed = True  # no healthy backend for a while
+        assert await asyncio.to_thread(serving.terminate) == 0
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
+        for i in range(1, 4):
+            await jack.send("chat.message", room=room, text=f"while away {i}", client_id=f"j{i}")
+        await jack.wait(lambda _: len(jack.of("ack")) == 4, 20, "4 storage acks")
+
+        lb.closed = False  # the balancer sends the retry to the surviving gateway
+        await expect(page.locator("#conn")).to_have_attribute(
+            "data-state", "online", timeout=RECONNECT_T
+        )
+        want = ["first", "while away 1", "while away 2", "while away 3"]
+        await expect(chat.texts()).to_have_text(want, timeout=T)
+        assert survivor.metric("roombus_gateway_open_connections") == 2
+        await chat.say("back")
+        await jack.wait_texts(["back"], room)
+        await expect(chat.msgs("back")).to_have_attribute("data-state", "stored", timeout=T)
+        assert await chat.texts().all_text_contents() == [*want, "back"]
+        chat.assert_clean()
+        await ctx.close()
