@@ -11,7 +11,7 @@ from services.settings import ServiceSettings
 class BridgeSettings(ServiceSettings):
     """Settings of ``roombus bridge``."""
 
-    port: int = Field(default=8095, ge=0, le=65535)
+    port: int = Field(default=8096, ge=0, le=65535)
     """HTTP port for /healthz, /readyz, /metrics."""
     redis_url: str = "redis://127.0.0.1:6379"
     """Redis server the Redis-era servers publish on (``redis://[:password@]host:port/db``)."""

@@ -8,8 +8,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from .bus import BusChatInput, ChatMessage, PresenceEvent
+from .bus import BusChatInput, ChatMessage, DirectMessage, PresenceEvent
 from .frames import ClientFrame
+from .redis import RedisEnvelopeOut
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -21,6 +22,8 @@ def schemas() -> dict[str, dict[str, Any]]:
         "chat_message.json": ChatMessage.model_json_schema(),
         "bus_chat_input.json": BusChatInput.model_json_schema(),
         "presence_event.json": PresenceEvent.model_json_schema(),
+        "direct_message.json": DirectMessage.model_json_schema(by_alias=True),
+        "redis_envelope.json": RedisEnvelopeOut.model_json_schema(),
     }
 
 
