@@ -1,8 +1,15 @@
 # One image for every roombus service: `docker run IMAGE roombus gateway|history|presence|bridge`.
 #
-# Stage 1 builds a venv with the pinned dependencies (layer cached until pyproject.toml changes),
-# then installs the project itself. Stage 2 is a fresh python:3.11-slim with only that venv:
-# no pip cache, no build tree, no compiler, and a non-root user.
+# The build stage makes a venv with the pinned dependencies (a layer cached until the pins
+# change), then installs the project itself. The final stage is a fresh python:3.11-slim with
+# only that venv: no pip, no pip cache, no build tree, no compiler; a non-root user.
+
+# The pinned dependencies as a requirements file: its content, not pyproject.toml's, decides
+# whether the (slow) dependency layer below is rebuilt.
+FROM python:3.11-slim AS requirements
+COPY pyproject.toml /src/
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /requirements.txt
+
 
 FROM python:3.11-slim AS build
 
@@ -13,14 +20,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/roombus \
  && /opt/roombus/bin/pip install --upgrade pip==25.3
 
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN /opt/roombus/bin/pip install -r /tmp/requirements.txt
+
 WORKDIR /src
-
-# Dependencies only (the exact pins from pyproject.toml), so a code change reuses this layer.
-COPY pyproject.toml README.md ./
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && /opt/roombus/bin/pip install -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
-
 COPY . .
 RUN /opt/roombus/bin/pip install --no-deps . \
  && /opt/roombus/bin/pip uninstall --yes pip

@@ -44,6 +44,21 @@ def _env_file_lines(service: str) -> list[str]:
     return lines
 
 
+ENV_HEADER = """\
+# Settings of `roombus {service}`: environment variables, read when the container starts.
+# Uncomment a line to change it. The rest (NATS_URL, LOG_LEVEL, HOST, PORT, ...) are set in
+# compose.yaml, from your shell or .env where they are ${{VARIABLES}}; the README explains each.
+# Regenerate after adding a setting: .venv/bin/python -m tests.e2e.test_compose
+
+"""
+
+
+def write_env_files() -> None:
+    for service in SERVICES:
+        text = ENV_HEADER.format(service=service) + "\n".join(_env_file_lines(service)) + "\n"
+        (ROOT / "deploy" / f"{service}.env").write_text(text)
+
+
 def test_every_service_of_the_cli_runs_in_compose_by_command() -> None:
     services = _compose()["services"]
     for name in SERVICES:
@@ -61,8 +76,9 @@ def test_every_setting_is_listed_in_the_service_env_file() -> None:
             for line in _env_file_lines(name)
             if line.startswith("# ") and "=" in line and line.split("=")[0] + "=" not in text
         ]
-        want = "\n".join(_env_file_lines(name))
-        assert not missing, f"deploy/{name}.env lacks {missing}; it should list:\n{want}"
+        assert not missing, (
+            f"deploy/{name}.env lacks {missing}: run .venv/bin/python -m tests.e2e.test_compose"
+        )
 
 
 def test_every_image_is_pinned() -> None:
@@ -121,3 +137,7 @@ def test_compose_stack_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         print(f"\ncompose check ({time.monotonic() - started:.0f}s):", *summary, sep="\n  ")
     assert proc.returncode == 0, text[-8000:]
     assert any("PASSED" in line for line in summary)
+
+
+if __name__ == "__main__":
+    write_env_files()
