@@ -393,7 +393,7 @@ async def test_unread_counts_rooms_and_gateway_errors_are_shown(
     error = page.locator('#errors li[data-code="text_too_long"]')
     await expect(error).to_have_count(1, timeout=T)
     await expect(error.locator(".msgtext")).to_contain_text("40")
-    await expect(chat.msgs("x" * 60)).to_have_attribute("data-state", "failed", timeout=T)
+    await expect(chat.msgs("x" * 60)).to_have_attribute("data-state", "rejected", timeout=T)
     await error.locator("button").click()
     await expect(error).to_have_count(0)
 
