@@ -56,7 +56,10 @@ class Session:
         try:
             await self.dispatch(frame)
         except FrameError as exc:
-            self.error(exc.code, exc.message, frame=frame.type)
+            # A refused send names its client_id, so the client knows which one it was.
+            cid = getattr(frame.data, "client_id", None)
+            extra = {"client_id": cid} if cid else {}
+            self.error(exc.code, exc.message, frame=frame.type, **extra)
         except Exception:
             log.exception("frame handler failed", extra={"frame": frame.type})
             self.error(ErrorCode.INTERNAL, "internal error; the frame was not processed")
