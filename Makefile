@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help up test test-fast lint fmt bench schemas clean
+.PHONY: help up test test-fast lint fmt bench schemas clean compose-check
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ fmt: $(STAMP) ## format and auto-fix
 
 schemas: $(STAMP) ## regenerate proto/schemas/*.json from the models
 	$(BIN)/python -m proto.schemagen
+
+compose-check: $(STAMP) ## build and test compose.yaml on a real Docker engine (root; part of make test)
+	$(BIN)/python scripts/compose_check.py
 
 bench: $(STAMP) ## run the benchmarks (not part of make test)
 	$(BIN)/python -m bench

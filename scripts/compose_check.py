@@ -127,7 +127,7 @@ def ensure_packages() -> None:
         return
     say(f"installing {' '.join(missing)} (apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    install = ["apt-get", "install", "-y", "-q", *missing]
     if run(*install, check=False, capture=True, env=env).returncode != 0:
         run("apt-get", "update", "-q", capture=True, env=env)
         run(*install, capture=True, env=env)
@@ -691,6 +691,28 @@ def available_services(image: str) -> set[str]:
     return found
 
 
+def remove_leftovers(compose: list[str]) -> None:
+    """Stacks of earlier checks that died before their ``down -v`` (their ports, their data)."""
+    out = run(
+        "docker", "ps", "-a", "--format", '{{.Label "com.docker.compose.project"}}', capture=True
+    ).stdout
+    for project in sorted({p for p in out.split() if p.startswith("roombuscheck")}):
+        say(f"removing the leftover stack {project}")
+        run(
+            *compose,
+            "-p",
+            project,
+            "-f",
+            str(ROOT / "compose.yaml"),
+            "down",
+            "-v",
+            "--remove-orphans",
+            capture=True,
+            check=False,
+            timeout=180,
+        )
+
+
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
     with LOCK.open("w") as fh:
@@ -714,6 +736,7 @@ def main() -> int:
         stack: Stack | None = None
         ok = False
         try:
+            remove_leftovers(compose)
             ensure_base(workdir)
             no_standin = ensure_standins(workdir)
             lb_port = 8080 if port_free(8080) else free_port()
