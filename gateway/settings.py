@@ -81,7 +81,7 @@ class GatewaySettings(ServiceSettings):
     """Seconds a ``client_id`` keeps mapping to the same message id (retries across gateways)."""
     client_id_replicas: int = Field(default=1, ge=1, le=5)
     """JetStream replicas of the ``client_ids`` bucket: 1 on a single server, 3 on a cluster
-    (with 1, sends that carry a ``client_id`` fail while the node holding it is down)."""
+    (while it is unavailable, sends wait up to half of ``ACK_DEADLINE``, then get a fresh id)."""
     replay_buffer: int = Field(default=10_000, ge=100)
     """Live messages held per joining client while its ``since`` replay is read."""
     presence_ttl: float = Field(default=15.0, ge=1, le=3600)
