@@ -43,8 +43,10 @@ class Publisher:
         self.kv: KeyValue | None = None
 
     async def start(self) -> None:
+        # A short per-request timeout: a lookup stuck on a dead node's connection is retried
+        # after 1 s (message_id's loop) instead of the default 5 s.
         self.kv = await ensure_kv(
-            self.bus.js,
+            self.bus.nc.jetstream(timeout=1.0),
             KeyValueConfig(
                 bucket=subjects.CLIENT_IDS_BUCKET,
                 description="client_id -> message id, so a retried send keeps its id",
