@@ -411,6 +411,12 @@ def wait_spread(stack: Stack, total: int, replicas: int) -> dict[str, int]:
     return result
 
 
+def health(cid: str) -> str:
+    return run(
+        "docker", "inspect", "--format", "{{.State.Health.Status}}", cid, capture=True
+    ).stdout.strip()
+
+
 def started_at(cid: str) -> str:
     return run(
         "docker", "inspect", "--format", "{{.State.StartedAt}}", cid, capture=True
@@ -585,6 +591,8 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     finally:
         run("docker", "unpause", paused, capture=True)
     wait_for("HAProxy to take the gateway back", lambda: len(lb_up(stats_port)) == GATEWAYS, 30)
+    # Docker's own health check, too: `up` refuses to go on while a dependency is unhealthy.
+    wait_for("the unpaused gateway to be healthy again", lambda: health(paused) == "healthy", 30)
     say(
         f"paused gateway out of rotation in {report['unhealthy_out_s']}s; 4 clients served by"
         f" the other two {s}; back in after unpause"
