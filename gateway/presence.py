@@ -35,7 +35,11 @@ class PresenceReporter:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await ensure_kv(self.bus.js, presence_bucket_config(self.replicas, self.ttl * 4))
+        await ensure_kv(
+            self.bus.js,
+            presence_bucket_config(self.replicas, self.ttl * 4),
+            self.bus.settings.jetstream_wait,
+        )
         self._tasks = [
             asyncio.create_task(self._writer(), name="presence-writer"),
             asyncio.create_task(self._refresher(), name="presence-refresher"),

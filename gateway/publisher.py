@@ -55,6 +55,7 @@ class Publisher:
                 storage=StorageType.FILE,
                 replicas=self.settings.client_id_replicas,
             ),
+            self.settings.jetstream_wait,
         )
 
     async def message_id(self, user: str, client_id: str | None) -> str:

@@ -58,7 +58,7 @@ class Store:
         self.settings = settings
 
     async def provision(self) -> None:
-        await ensure_stream(self.js, stream_config(self.settings))
+        await ensure_stream(self.js, stream_config(self.settings), self.settings.jetstream_wait)
 
     async def append(self, subject: str, msg_id: str, payload: bytes) -> tuple[int, bool]:
         """Store one message (idempotent by ``msg_id``); returns (stream seq, was a duplicate).

@@ -60,8 +60,9 @@ class PresenceService:
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         self._bus = bus = await connect(self.settings, "presence")
         ttl = max(1, round(self.settings.presence_ttl))
+        wait = self.settings.jetstream_wait
         kv = await ensure_kv(
-            bus.js, presence_bucket_config(self.settings.presence_replicas, ttl * 4)
+            bus.js, presence_bucket_config(self.settings.presence_replicas, ttl * 4), wait
         )
         self._claims = await ensure_kv(
             bus.js,
@@ -73,6 +74,7 @@ class PresenceService:
                 storage=StorageType.FILE,
                 replicas=self.settings.presence_replicas,
             ),
+            wait,
         )
         bus.nc._reconnected_cb = self._chain_reconnect(bus.nc._reconnected_cb)
         self._watch_task = asyncio.create_task(self._watch_forever(kv), name="presence-watch")

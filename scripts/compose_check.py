@@ -731,6 +731,11 @@ def locked() -> Iterator[None]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the stack on the `cluster` profile (nats-1..3, deploy/cluster.env)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("compose check: needs root (installs and starts dockerd)", file=sys.stderr)
@@ -757,6 +762,14 @@ def main() -> int:
                 "NATS_HOST_PORT": str(free_port()),
                 "NATS_MONITOR_HOST_PORT": str(free_port()),
             }
+            nodes: list[str] = []
+            if args.cluster:
+                for line in (ROOT / "deploy" / "cluster.env").read_text().splitlines():
+                    if line.strip() and not line.startswith("#"):
+                        key, _, value = line.partition("=")
+                        env[key.strip()] = value.strip()
+                env["COMPOSE_PROFILES"] = "cluster"
+                nodes = ["nats-1", "nats-2", "nats-3"]
             project = f"roombuscheck{os.getpid()}"
             stack = Stack(compose, project, env)
             t = time.monotonic()
@@ -776,7 +789,7 @@ def main() -> int:
                 "--no-build",
                 "--scale",
                 f"gateway={GATEWAYS}",
-                *sorted(services | {"nats", "redis", "lb"}),
+                *sorted(services | {"nats", "redis", "lb", *nodes}),
                 capture=True,
                 timeout=300,
             )

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from proto import subjects
 
 log = logging.getLogger("roombus.jetstream")
+T = TypeVar("T")
 
 
 REPLICAS_ADVICE = (
@@ -30,8 +43,53 @@ class ProvisioningError(RuntimeError):
         super().__init__(f"stream {stream}: {detail}")
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create ``config.name`` or update it in place to ``config`` (idempotent, keeps data)."""
+def _transient(exc: BaseException) -> bool:
+    """Errors of a JetStream that is not ready yet (starting, electing a meta leader, a
+    cluster whose nodes are still joining), as opposed to a configuration it refuses."""
+    if isinstance(
+        exc, NatsTimeoutError | TimeoutError | NoRespondersError | ServiceUnavailableError
+    ):
+        return True
+    if isinstance(exc, APIError):
+        # 503: JetStream temporarily unavailable; 10005 "no suitable peers for placement"
+        # and 10023 "insufficient resources" while a cluster's peers are still joining.
+        return exc.code == 503 or exc.err_code in (10005, 10008, 10023)
+    cause = exc.__cause__
+    return isinstance(exc, ProvisioningError) and cause is not None and _transient(cause)
+
+
+async def _retrying(what: str, wait: float, step: Callable[[], Awaitable[T]]) -> T:
+    """Run ``step``, retrying while JetStream is not ready, for at most ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    delay = 0.25
+    attempt = 0
+    while True:
+        try:
+            return await step()
+        except Exception as exc:
+            if not _transient(exc) or time.monotonic() >= deadline:
+                if isinstance(exc, ProvisioningError) or not _transient(exc):
+                    raise
+                raise ProvisioningError(
+                    what, f"JetStream did not become ready within {wait:g}s ({exc!r})"
+                ) from exc
+            attempt += 1
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("JetStream not ready yet, retrying", extra={"asset": what})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, wait: float = 60.0) -> None:
+    """Create ``config.name`` or update it in place to ``config`` (idempotent, keeps data).
+
+    While JetStream is not ready yet (a cluster forming), retries for up to ``wait`` seconds.
+    """
+    assert config.name is not None
+    await _retrying(config.name, wait, lambda: _ensure_stream(js, config))
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     name = config.name
     assert name is not None
     try:
@@ -67,12 +125,17 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     log.info("stream up to date", extra={"stream": name})
 
 
-async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+async def ensure_kv(js: JetStreamContext, config: KeyValueConfig, wait: float = 60.0) -> KeyValue:
     """The bucket ``config.bucket``, created when missing.
 
     An existing bucket keeps its data and settings, except its replica count, which is
     brought to ``config.replicas`` (R1 -> R3 when a deployment moves onto a cluster).
+    While JetStream is not ready yet, retries for up to ``wait`` seconds.
     """
+    return await _retrying(f"KV_{config.bucket}", wait, lambda: _ensure_kv(js, config))
+
+
+async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
         kv = await js.key_value(config.bucket)
     except BucketNotFoundError:

@@ -25,6 +25,9 @@ class NatsSettings(BaseSettings):
     """Bytes of publishes buffered while disconnected; beyond that a publish fails."""
     nats_connect_timeout: float = Field(default=2.0, gt=0, le=60)
     """Seconds to wait for one connection attempt."""
+    jetstream_wait: float = Field(default=60.0, ge=0, le=3600)
+    """Seconds a starting service waits for JetStream to become ready (a cluster electing its
+    leader) before it gives up provisioning its streams and buckets."""
 
     @field_validator("nats_url")
     @classmethod

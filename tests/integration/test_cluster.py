@@ -387,7 +387,7 @@ async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_p
     assert "stream replica count changes" in h.log()
 
     # More replicas than nodes: the service refuses to start and says what to do.
-    bad = services("history", nats_cluster, wait=False, HISTORY_REPLICAS=5)
+    bad = services("history", nats_cluster, wait=False, HISTORY_REPLICAS=5, JETSTREAM_WAIT=3)
     exits_saying(bad, "at most the number of JetStream nodes")
     assert (await replicas(nats_cluster.urls, HISTORY))[HISTORY] == 3
 
