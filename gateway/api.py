@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -73,15 +74,21 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
             return Response({"id": msg.id}, status_code=201)
         return _error(503, ErrorCode.NOT_STORED, "not confirmed stored", id=msg.id)
 
-    @post("/api/rooms/{room:str}/messages", include_in_schema=False)
-    async def room_message(request: Request[Any, Any, Any], room: str) -> Response[Any]:
+    async def admit(
+        request: Request[Any, Any, Any], name: str, check: Callable[[str], str]
+    ) -> bytes | Response[dict[str, Any]]:
+        """Key, name, then the body: the request's raw body, or the answer refusing it."""
         if (denied := authorized(request)) is not None:
             return denied
         try:
-            check_name(room, "room")
+            check(name)
         except InvalidNameError as exc:
             return _error(400, ErrorCode.BAD_NAME, str(exc))
-        raw = await body_of(request)
+        return await body_of(request)
+
+    @post("/api/rooms/{room:str}/messages", include_in_schema=False)
+    async def room_message(request: Request[Any, Any, Any], room: str) -> Response[Any]:
+        raw = await admit(request, room, lambda n: check_name(n, "room"))
         if isinstance(raw, Response):
             return raw
         try:
@@ -101,13 +108,7 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
 
     @post("/api/users/{user:str}/messages", include_in_schema=False)
     async def user_message(request: Request[Any, Any, Any], user: str) -> Response[Any]:
-        if (denied := authorized(request)) is not None:
-            return denied
-        try:
-            check_name(user, "user")
-        except InvalidNameError as exc:
-            return _error(400, ErrorCode.BAD_NAME, str(exc))
-        raw = await body_of(request)
+        raw = await admit(request, user, lambda n: check_name(n, "user"))
         if isinstance(raw, Response):
             return raw
         try:
@@ -127,13 +128,7 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
 
     @post("/api/events/{event:str}", include_in_schema=False)
     async def event(request: Request[Any, Any, Any], event: str) -> Response[Any]:
-        if (denied := authorized(request)) is not None:
-            return denied
-        try:
-            check_event_type(event)
-        except InvalidNameError as exc:
-            return _error(400, ErrorCode.BAD_NAME, str(exc))
-        raw = await body_of(request)
+        raw = await admit(request, event, check_event_type)
         if isinstance(raw, Response):
             return raw
         try:

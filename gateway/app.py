@@ -90,30 +90,18 @@ class Gateway:
         self.hub.presence = reporter
         # One wildcard per channel kind, never one subscription per client. The pending
         # limits bound what a stalled event loop can queue up inside the client.
-        await nc.subscribe(
-            subjects.ROOM_MESSAGE_WILDCARD,
-            cb=self.hub.on_room_message,
-            pending_msgs_limit=100_000,
-            pending_bytes_limit=64 * 1024 * 1024,
-        )
-        await nc.subscribe(
-            subjects.USER_MESSAGE_WILDCARD,
-            cb=self.hub.on_user_message,
-            pending_msgs_limit=100_000,
-            pending_bytes_limit=64 * 1024 * 1024,
-        )
-        await nc.subscribe(
-            subjects.EVENT_WILDCARD,
-            cb=self.hub.on_event,
-            pending_msgs_limit=100_000,
-            pending_bytes_limit=64 * 1024 * 1024,
-        )
-        await nc.subscribe(
-            subjects.ROOM_PRESENCE_WILDCARD,
-            cb=self.hub.on_room_presence,
-            pending_msgs_limit=100_000,
-            pending_bytes_limit=16 * 1024 * 1024,
-        )
+        for subject, callback in (
+            (subjects.ROOM_MESSAGE_WILDCARD, self.hub.on_room_message),
+            (subjects.ROOM_PRESENCE_WILDCARD, self.hub.on_room_presence),
+            (subjects.USER_MESSAGE_WILDCARD, self.hub.on_user_message),
+            (subjects.EVENT_WILDCARD, self.hub.on_event),
+        ):
+            await nc.subscribe(
+                subject,
+                cb=callback,
+                pending_msgs_limit=100_000,
+                pending_bytes_limit=64 * 1024 * 1024,
+            )
         await nc.flush()
         log.info("gateway ready", extra={"port": self.settings.port})
         try:
