@@ -40,6 +40,7 @@ compose-check: $(STAMP) ## build and test compose.yaml on a real Docker engine (
 	$(BIN)/python scripts/compose_check.py
 
 bench: $(STAMP) ## run the benchmarks (not part of make test)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 
 clean: ## remove the venv and caches

@@ -1,0 +1,245 @@
+"""``python -m bench [--quick]``: roombus vs the bare baseline, same run, back to back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.loadgen import idle_proc, publisher_proc, raise_nofile, subscriber_proc
+from services.natsserver import NatsServer
+from tests.support.procs import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, kind: str, nats_url: str, logdir: Path) -> None:
+        self.kind, self.port = kind, free_port()
+        env = {
+            **os.environ,
+            "NATS_URL": nats_url,
+            "LOG_LEVEL": "warning",
+            "PORT": str(self.port),
+            "MAX_CONNECTIONS": "20000",
+            "MAX_CONNECTIONS_PER_IP": "20000",
+            "RATE_LIMIT": "100000",
+            "RATE_BURST": "100000",
+        }
+        if kind == "roombus":
+            cmd = [sys.executable, "-m", "services.cli", "gateway", "--port", str(self.port)]
+        else:
+            cmd = [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
+            cmd += ["--nats-url", nats_url]
+        log = (logdir / f"{kind}-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
+        )
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self._ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{kind} did not start")
+
+    def _ready(self) -> bool:
+        if self.kind == "roombus":
+            try:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1)
+                return r.status_code == 200
+            except httpx.HTTPError:
+                return False
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_rate(
+    servers: list[Server], rooms: list[str], subs: int, pubs: int, rate: float, dur: float
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    ready, go, out_s, out_p = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
+    kind, urls = servers[0].kind, [s.url for s in servers]
+    sp = ctx.Process(target=subscriber_proc, args=(kind, urls, rooms, subs, ready, go, dur, out_s))
+    sp.start()
+    if not ready.wait(120):
+        raise RuntimeError("subscribers did not connect")
+    cpu0 = sum(cpu_s(s.proc.pid) for s in servers)
+    pp = ctx.Process(target=publisher_proc, args=(kind, urls, rooms, pubs, rate, dur, go, out_p))
+    pp.start()
+    sent = out_p.get(timeout=dur + 120)
+    res = out_s.get(timeout=dur + 120)
+    cpu1 = sum(cpu_s(s.proc.pid) for s in servers)
+    pp.join(10)
+    sp.join(10)
+    lat = res["latencies"]
+    expected = sent * subs / len(rooms)
+    return {
+        "rate": rate,
+        "sent": sent,
+        "expected": expected,
+        "delivered": len(lat),
+        "delivered_per_s": len(lat) / dur,
+        "delivery_ratio": len(lat) / expected if expected else 0.0,
+        "p50_ms": pct(lat, 0.5) * 1000,
+        "p99_ms": pct(lat, 0.99) * 1000,
+        "max_ms": max(lat) * 1000 if lat else float("nan"),
+        "cpu_s_per_100k": (cpu1 - cpu0) / len(lat) * 1e5 if lat else float("nan"),
+    }
+
+
+def ramp(
+    servers: list[Server], rooms: list[str], subs: int, pubs: int, rates: list[float], dur: float
+) -> dict[str, Any]:
+    steps, best = [], None
+    for r in rates:
+        st = run_rate(servers, rooms, subs, pubs, r, dur)
+        ok = st["delivery_ratio"] >= 0.99 and st["p99_ms"] <= 250
+        st["ok"] = ok
+        steps.append(st)
+        print(
+            f"  {servers[0].kind:8} rate {r:6.0f}/s -> {st['delivered_per_s']:8.0f} deliv/s "
+            f"ratio {st['delivery_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
+            f"cpu/100k {st['cpu_s_per_100k']:.2f}s",
+            flush=True,
+        )
+        if not ok:
+            break
+        best = st
+    return {"steps": steps, "max_ok": best}
+
+
+def idle(server: Server, n: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    hold, done = ctx.Queue(), ctx.Event()
+    time.sleep(0.5)
+    rss0 = rss_kib(server.proc.pid)
+    p = ctx.Process(target=idle_proc, args=(server.kind, server.url, n, hold, done))
+    p.start()
+    opened = hold.get(timeout=300)
+    time.sleep(2)
+    rss1 = rss_kib(server.proc.pid)
+    done.set()
+    errors = hold.get(timeout=120)[1]
+    p.join(30)
+    per = (rss1 - rss0) / opened if opened else float("nan")
+    print(
+        f"  {server.kind:8} idle {n}: opened {opened} errors {errors} {per:.1f} KiB/conn",
+        flush=True,
+    )
+    return {
+        "n": n,
+        "opened": opened,
+        "errors": errors,
+        "rss0_kib": rss0,
+        "rss1_kib": rss1,
+        "kib_per_conn": per,
+        "mib_per_1000": per * 1000 / 1024,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    raise_nofile()
+    quick = a.quick
+    dur = 3.0 if quick else 5.0
+    rates_a = [10, 20, 40, 80] if quick else [20, 40, 80, 120, 160, 240, 320]
+    rates_b = [100, 200, 400, 800] if quick else [200, 400, 800, 1200, 1600, 2400]
+    idle_ns = [2000] if quick else [5000, 10000]
+    tmp = Path(tempfile.mkdtemp(prefix="roombus-bench-"))
+    nats = NatsServer(store_dir=tmp / "nats").start()
+    results: dict[str, Any] = {
+        "quick": quick,
+        "duration_s": dur,
+        "started": time.time(),
+        "cpus": os.cpu_count(),
+        "scenarios": {},
+    }
+    try:
+        rooms_b = [f"r{i}" for i in range(100)]
+        for kind in ("baseline", "roombus"):
+            servers = [Server(kind, nats.url, tmp) for _ in range(2)]
+            try:
+                print(f"(a) 200 subscribers, 1 room, 2 gateways [{kind}]", flush=True)
+                results["scenarios"].setdefault("a", {})[kind] = ramp(
+                    servers, ["lobby"], 200, 4, rates_a, dur
+                )
+                print(f"(b) 200 subscribers, 100 rooms, 2 gateways [{kind}]", flush=True)
+                results["scenarios"].setdefault("b", {})[kind] = ramp(
+                    servers, rooms_b, 200, 100, rates_b, dur
+                )
+            finally:
+                for s in servers:
+                    s.stop()
+            for n in idle_ns:
+                one = Server(kind, nats.url, tmp)
+                try:
+                    results["scenarios"].setdefault(f"c{n}", {})[kind] = idle(one, n)
+                finally:
+                    one.stop()
+        hist = subprocess.run(
+            [sys.executable, "-m", "services.cli", "history", "--help"],
+            capture_output=True,
+            cwd=ROOT,
+        )
+        results["scenarios"]["d"] = {
+            "skipped": "history service not present"
+            if hist.returncode
+            else "history store rate not measured yet by this bench"
+        }
+    finally:
+        nats.stop()
+    name = "quick" if quick else "full"
+    out = ROOT / "bench" / "results" / f"{name}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    from bench.report import plot
+
+    plot(results, ROOT / "docs" / ("bench-quick.png" if quick else "bench.png"))
+
+
+if __name__ == "__main__":
+    main()

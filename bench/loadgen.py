@@ -1,0 +1,144 @@
+"""The load generator: runs in its own process(es), never in a gateway's event loop.
+
+Each message text is ``"<send time>|<seq>"`` (time.time()); a subscriber computes the latency
+from it on receipt. ``kind`` is "roombus" (join frames, chat.message frames) or "baseline"
+(room in the query string, raw text frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _open(kind: str, url: str, user: str, room: str) -> ClientConnection:
+    if kind == "baseline":
+        return await connect(f"{url}?room={room}", max_queue=None, ping_interval=None)
+    ws = await connect(f"{url}?user={user}", max_queue=None, ping_interval=None)
+    await ws.send(orjson.dumps({"type": "join", "data": {"room": room}}).decode())
+    while True:
+        f = orjson.loads(await ws.recv())
+        if f["type"] == "joined" and f["data"]["room"] == room:
+            return ws
+
+
+async def _subscribers(
+    kind: str, urls: list[str], rooms: list[str], n: int, ready: Any, go: Any, dur: float
+) -> dict[str, Any]:
+    lat: list[float] = []
+    socks = []
+    for i in range(n):
+        socks.append(await _open(kind, urls[i % len(urls)], f"s{i}", rooms[i % len(rooms)]))
+    ready.set()
+
+    async def reader(ws: ClientConnection) -> None:
+        async for raw in ws:
+            now = time.time()
+            f = orjson.loads(raw)
+            if f["type"] == "chat.message":
+                lat.append(now - float(f["data"]["text"].split("|", 1)[0]))
+
+    tasks = [asyncio.create_task(reader(ws)) for ws in socks]
+    while not go.is_set():  # noqa: ASYNC110 - a multiprocessing Event
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(dur + 2.0)  # drain time after the publishers stop
+    for t in tasks:
+        t.cancel()
+    for ws in socks:
+        await ws.close()
+    return {"latencies": lat}
+
+
+def subscriber_proc(kind, urls, rooms, n, ready, go, dur, out) -> None:  # type: ignore[no-untyped-def]
+    raise_nofile()
+    out.put(asyncio.run(_subscribers(kind, urls, rooms, n, ready, go, dur)))
+
+
+async def _publishers(
+    kind: str, urls: list[str], rooms: list[str], p: int, rate: float, dur: float, go: Any
+) -> int:
+    pubs = []
+    for i in range(p):
+        pubs.append(await _open(kind, urls[i % len(urls)], f"p{i}", rooms[i % len(rooms)]))
+    drains = [asyncio.create_task(_drain(ws)) for ws in pubs]
+    go.set()
+    sent = 0
+    start = time.perf_counter()
+    interval = 1.0 / rate
+    while True:
+        due = start + sent * interval
+        now = time.perf_counter()
+        if now - start >= dur:
+            break
+        if due > now:
+            await asyncio.sleep(due - now)
+        i = sent % p
+        text = f"{time.time():.6f}|{sent}"
+        if kind == "baseline":
+            await pubs[i].send(text)
+        else:
+            room = rooms[i % len(rooms)]
+            await pubs[i].send(
+                orjson.dumps(
+                    {"type": "chat.message", "data": {"room": room, "text": text}}
+                ).decode()
+            )
+        sent += 1
+    await asyncio.sleep(2.0)
+    for t in drains:
+        t.cancel()
+    for ws in pubs:
+        await ws.close()
+    return sent
+
+
+async def _drain(ws: ClientConnection) -> None:
+    async for _ in ws:
+        pass
+
+
+def publisher_proc(kind, urls, rooms, p, rate, dur, go, out) -> None:  # type: ignore[no-untyped-def]
+    raise_nofile()
+    out.put(asyncio.run(_publishers(kind, urls, rooms, p, rate, dur, go)))
+
+
+async def _idle(kind: str, url: str, n: int, hold: Any, done: Any) -> int:
+    socks = []
+    sem = asyncio.Semaphore(50)
+    errors = 0
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        async with sem:
+            try:
+                if kind == "baseline":
+                    socks.append(await connect(f"{url}?room=idle{i % 100}", ping_interval=None))
+                else:
+                    ws = await connect(f"{url}?user=i{i}", ping_interval=None)
+                    await ws.recv()  # hello
+                    socks.append(ws)
+            except Exception:  # noqa: BLE001 - counted, reported
+                errors += 1
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    hold.put(len(socks))
+    while not done.is_set():  # noqa: ASYNC110 - a multiprocessing Event
+        await asyncio.sleep(0.1)
+    for ws in socks:
+        await ws.close()
+    return errors
+
+
+def idle_proc(kind, url, n, hold, done) -> None:  # type: ignore[no-untyped-def]
+    raise_nofile()
+    hold.put(("errors", asyncio.run(_idle(kind, url, n, hold, done))))
