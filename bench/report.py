@@ -81,3 +81,31 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     print(f"wrote {path}")
+
+
+def table(results: dict[str, Any]) -> str:
+    """A markdown table: roombus, baseline and the ratio per scenario and figure."""
+    lines = [
+        "| scenario | figure | roombus | baseline | roombus/baseline |",
+        "|---|---|---|---|---|",
+    ]
+    for key, metric, rb, base in headline(results):
+        ratio = rb / base if base else float("nan")
+        lines.append(f"| {key} | {metric} | {rb:.1f} | {base:.1f} | {ratio:.2f} |")
+    for key, v in results["scenarios"].items():
+        if key.startswith("c"):
+            for kind in ("roombus", "baseline"):
+                lines.append(
+                    f"| {key} | {kind} opened / errors | {v[kind]['opened']} / "
+                    f"{v[kind]['errors']} | | |"
+                )
+        if key == "d":
+            lines.append(f"| d | history store rate | {v.get('skipped', v)} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(table(json.loads(Path(sys.argv[1]).read_text())))
