@@ -1,4 +1,4 @@
-"""One client connection: a bounded outbound buffer drained by one writer task."""
+"""One client connection: a bounded outbound buffer, written without a task per message."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from proto.errors import CloseCode
 
 from . import metrics
+from .wire import WireProtocol, text_frame
 
 log = logging.getLogger("roombus.gateway.conn")
 
@@ -21,9 +22,16 @@ Send = Callable[[Any], Awaitable[None]]
 class Conn:
     """A WebSocket client as the fan-out sees it.
 
-    ``offer`` never blocks and never awaits: the frame is appended to a bounded
-    buffer or dropped (counted) when the buffer is full. A client whose buffer
-    stays full for ``slow_timeout`` seconds is disconnected with 4008.
+    ``offer`` never blocks and never awaits. With a :class:`WireProtocol` (the default
+    server) a frame is written straight to the socket while its transport buffer is below
+    the high-water mark; above it, frames wait in a bounded buffer that the protocol's
+    ``resume_writing`` drains. Without one (another uvicorn WebSocket implementation) a
+    writer task sends the buffer through ASGI. When the buffer is full the frame is
+    dropped (counted); a client whose buffer stays full for ``slow_timeout`` seconds is
+    disconnected with 4008.
+
+    Frames are UTF-8 JSON ``bytes``, encoded once by the caller; a fan-out also passes the
+    WebSocket frame it built once (``wire``), so N clients cost N socket writes.
     """
 
     __slots__ = (
@@ -35,6 +43,7 @@ class Conn:
         "task",
         "shut_cancelled",
         "_send",
+        "_wire",
         "_buf",
         "_max",
         "_wake",
@@ -42,13 +51,22 @@ class Conn:
         "_slow_timeout",
         "_writer",
         "_space",
+        "_drained",
         "_started",
         "replaying",
         "events",
         "inflight",
     )
 
-    def __init__(self, send: Send, user: str, verified: bool, maxlen: int, slow_timeout: float):
+    def __init__(
+        self,
+        send: Send,
+        user: str,
+        verified: bool,
+        maxlen: int,
+        slow_timeout: float,
+        wire: WireProtocol | None = None,
+    ):
         self.user = user
         self.verified = verified
         self.rooms: set[str] = set()
@@ -59,35 +77,56 @@ class Conn:
         """The connection's own task, cancelled by :meth:`shut` to end a blocked read."""
         self.shut_cancelled = False
         self._send = send
-        self._buf: deque[str] = deque()
+        self._wire = wire
+        # Frames waiting for the socket: wire frames (fast path) or payloads (ASGI path).
+        self._buf: deque[bytes] = deque()
         self._max = maxlen
         self._wake: asyncio.Event | None = None
         self._full_since: float | None = None
         self._slow_timeout = slow_timeout
-        # Idle connections have no writer task: one is started when frames are queued and
-        # ends when the buffer is empty (memory per idle connection matters at 10k+).
+        # Idle connections have no writer task: on the ASGI path one is started when frames
+        # are queued and ends when the buffer is empty (memory per idle connection matters).
         self._writer: asyncio.Task[None] | None = None
         self._space: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
         self._started = False
         # room -> live (id, frame) pairs held back while a `since` replay is read
-        self.replaying: dict[str, list[tuple[str, str]]] = {}
+        self.replaying: dict[str, list[tuple[str, bytes]]] = {}
         self.inflight = asyncio.Semaphore(1)
 
     def start(self) -> None:
         self._started = True
+        if self._wire is not None:
+            self._wire.on_writable = self._drain
         self._kick()
 
     def _kick(self) -> None:
         if self._wake is not None:
             self._wake.set()
+        if self._wire is not None:
+            return
         if self._started and self._writer is None and self._buf:
             self._writer = asyncio.create_task(self._write_loop())
 
-    def offer(self, frame: str, msg_id: str | None = None) -> bool:
-        """Queue ``frame`` for this client; False (and counted) when it was dropped."""
+    def offer(self, frame: bytes, msg_id: str | None = None, wire: bytes | None = None) -> bool:
+        """Send ``frame`` (or queue it); False (and counted) when it was dropped.
+
+        ``wire`` is ``frame`` as a WebSocket text frame, when the caller built it already.
+        """
         if self.closed.is_set():
             return False
-        if len(self._buf) >= self._max:
+        buf = self._buf
+        fast = self._wire
+        if fast is not None:
+            if wire is None:
+                wire = text_frame(frame)
+            if not buf and self._started and fast.can_write():
+                if not fast.write_frame(wire):
+                    self.shut(CloseCode.GOING_AWAY)
+                    return False
+                return True
+            frame = wire
+        if len(buf) >= self._max:
             metrics.DROPPED.labels("slow_client").inc()
             now = time.monotonic()
             if self._full_since is None:
@@ -97,11 +136,11 @@ class Conn:
                 log.warning("slow client disconnected", extra={"user": self.user})
                 self.shut(CloseCode.SLOW_CONSUMER)
             return False
-        self._buf.append(frame)
+        buf.append(frame)
         self._kick()
         return True
 
-    async def put(self, frame: str, msg_id: str | None = None) -> bool:
+    async def put(self, frame: bytes, msg_id: str | None = None) -> bool:
         """Queue ``frame``, waiting for buffer space (for replays, which must not drop).
 
         A client that makes no room within the slow-client timeout is disconnected.
@@ -126,6 +165,21 @@ class Conn:
         self._full_since = None
         if self._space is not None:
             self._space.set()
+        if not self._buf and self._drained is not None:
+            self._drained.set()
+
+    def _drain(self) -> None:
+        """Fast path: the transport went below its low-water mark; write what waits."""
+        fast, buf = self._wire, self._buf
+        if fast is None or not buf:
+            return
+        while buf and fast.can_write():
+            if not fast.write_frame(buf.popleft()):
+                buf.clear()
+                self.shut(CloseCode.GOING_AWAY)
+                break
+        if len(buf) < self._max // 2:
+            self.made_room()
 
     def shut(self, code: int) -> None:
         """Close the connection with ``code`` (idempotent); interrupts its blocked read."""
@@ -143,7 +197,7 @@ class Conn:
         try:
             while buf:
                 frame = buf.popleft()
-                await self._send({"type": "websocket.send", "text": frame})
+                await self._send({"type": "websocket.send", "text": frame.decode()})
                 if len(buf) < self._max // 2:
                     self.made_room()
         except asyncio.CancelledError:
@@ -156,6 +210,8 @@ class Conn:
 
     async def stop(self) -> None:
         self._started = False
+        if self._wire is not None:
+            self._wire.on_writable = None
         writer = self._writer
         if writer is not None:
             writer.cancel()
@@ -169,3 +225,12 @@ class Conn:
         writer = self._writer
         if writer is not None:
             await asyncio.wait({writer}, timeout=within)
+            return
+        if self._wire is not None and self._buf:
+            self._drained = self._drained or asyncio.Event()
+            self._drained.clear()
+            try:
+                async with asyncio.timeout(within):
+                    await self._drained.wait()
+            except TimeoutError:
+                pass

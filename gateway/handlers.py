@@ -38,7 +38,7 @@ class Session:
         self.last_typing: dict[str, float] = {}
 
     def send(self, frame: bytes) -> None:
-        self.conn.offer(frame.decode())
+        self.conn.offer(frame)
 
     def error(self, code: ErrorCode, message: str, **extra: object) -> None:
         metrics.CLIENT_ERRORS.labels(code.value).inc()
@@ -142,7 +142,7 @@ class Session:
                 msg = ChatMessage.model_validate(m)
                 replayed.add(msg.id)
                 self.gw.hub.remember(msg.id)
-                if not await self.conn.put(encode_frame("chat.message", msg).decode(), msg.id):
+                if not await self.conn.put(encode_frame("chat.message", msg), msg.id):
                     return
                 after = msg.id
             metrics.REPLAYED.inc(len(messages))

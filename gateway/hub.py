@@ -17,6 +17,7 @@ from services.logs import RateLimitedLog
 from . import metrics
 from .conn import Conn
 from .presence import PresenceReporter
+from .wire import text_frame
 
 log = logging.getLogger("roombus.gateway.hub")
 
@@ -128,11 +129,15 @@ class Hub:
         return {c.user for c in self.rooms.get(room, ())}
 
     # -- fan-out ----------------------------------------------------------------------
-    def deliver(self, room: str, frame: str, msg_id: str | None = None) -> int:
-        """Offer one encoded frame to every local member of ``room``; returns how many took it."""
+    def deliver(self, room: str, frame: bytes, msg_id: str | None = None) -> int:
+        """Offer one encoded frame to every local member of ``room``; returns how many took it.
+
+        The WebSocket frame is built here, once, and written as is to every member's socket.
+        """
         members = self.rooms.get(room)
         if not members:
             return 0
+        wire = text_frame(frame)
         n = 0
         for conn in tuple(members):
             if conn.replaying:
@@ -143,7 +148,7 @@ class Hub:
                     else:
                         metrics.DROPPED.labels("replay_buffer").inc()
                     continue
-            n += conn.offer(frame, msg_id)
+            n += conn.offer(frame, msg_id, wire)
         metrics.DELIVERED.inc(n)
         return n
 
@@ -156,7 +161,7 @@ class Hub:
         if self._recent.seen(msg.id):
             metrics.DUPLICATES.inc()
             return 0
-        return self.deliver(msg.room, encode_frame("chat.message", msg).decode(), msg.id)
+        return self.deliver(msg.room, encode_frame("chat.message", msg), msg.id)
 
     async def on_user_message(self, msg: Msg) -> None:
         """Callback of ``user.*.message``: to every local connection of the sender and recipient."""
@@ -179,8 +184,9 @@ class Hub:
         targets = self.users.get(dm.to, set()) | self.users.get(dm.sender, set())
         if not targets or self._recent.seen(dm.id):
             return
-        frame = encode_frame("dm", dm.wire()).decode()
-        n = sum(conn.offer(frame, dm.id) for conn in targets)
+        frame = encode_frame("dm", dm.wire())
+        wire = text_frame(frame)
+        n = sum(conn.offer(frame, dm.id, wire) for conn in targets)
         metrics.DELIVERED.inc(n)
 
     async def on_event(self, msg: Msg) -> None:
@@ -206,8 +212,9 @@ class Hub:
             + b'","payload":'
             + msg.data
             + b"}}"
-        ).decode()
-        n = sum(conn.offer(frame) for conn in tuple(members))
+        )
+        wire = text_frame(frame)
+        n = sum(conn.offer(frame, None, wire) for conn in tuple(members))
         metrics.DELIVERED.inc(n)
 
     async def on_room_presence(self, msg: Msg) -> None:
@@ -234,7 +241,7 @@ class Hub:
         else:
             data = {"room": room, "event": event.type, "user": event.user, "count": event.count}
             frame = encode_frame("presence", data)
-        self.deliver(room, frame.decode())
+        self.deliver(room, frame)
 
     async def on_room_message(self, msg: Msg) -> None:
         """Callback of the ``room.*.message`` wildcard subscription."""

@@ -13,6 +13,9 @@ from . import metrics
 from .app import create_app
 from .settings import GatewaySettings
 
+WS_PROTOCOLS = {"direct": "gateway.wire:WireProtocol"}
+"""uvicorn's ``ws`` option for each ``WS_PROTOCOL`` setting (the rest are uvicorn's names)."""
+
 _BAD_UTF8 = "Invalid UTF-8 sequence received from client."
 
 
@@ -47,7 +50,7 @@ def run(settings: GatewaySettings) -> None:
     serve(
         create_app(settings),
         settings,
-        ws=settings.ws_protocol,
+        ws=WS_PROTOCOLS.get(settings.ws_protocol, settings.ws_protocol),
         ws_max_size=settings.max_frame_bytes,
         # Compression costs CPU per client and invites decompression bombs.
         ws_per_message_deflate=False,

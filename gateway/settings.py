@@ -45,8 +45,11 @@ class GatewaySettings(ServiceSettings):
     """Frames a connection may send in a burst above ``rate_limit``."""
     idle_timeout: float = Field(default=300.0, gt=0)
     """Seconds without any frame from the client before close 4009 (0 < value)."""
-    ws_protocol: Literal["websockets-sansio", "websockets"] = "websockets-sansio"
-    """uvicorn's WebSocket implementation (sans-I/O: ~7 KiB less per idle connection)."""
+    ws_protocol: Literal["direct", "websockets-sansio", "websockets"] = "direct"
+    """WebSocket implementation: `direct` is uvicorn's sans-I/O one with fan-out frames
+    built once and written straight to each socket; the other two are uvicorn's own
+    (every frame through ASGI; `websockets` is the legacy one, ~7 KiB more per idle
+    connection)."""
     ws_ping_interval: float = Field(default=20.0, gt=0)
     """Seconds between WebSocket pings the gateway sends."""
     ws_ping_timeout: float = Field(default=20.0, gt=0)

@@ -36,9 +36,9 @@ class SseConn(Conn):
 
     __slots__ = ()
 
-    def offer(self, frame: str, msg_id: str | None = None) -> bool:
-        event = f"id: {msg_id}\ndata: {frame}\n\n" if msg_id else f"data: {frame}\n\n"
-        return super().offer(event)
+    def offer(self, frame: bytes, msg_id: str | None = None, wire: bytes | None = None) -> bool:
+        head = b"id: " + msg_id.encode() + b"\ndata: " if msg_id else b"data: "
+        return super().offer(head + frame + b"\n\n")
 
     def start(self) -> None:
         """No writer task: :meth:`body` drains the buffer into the HTTP response."""
@@ -57,10 +57,10 @@ class SseConn(Conn):
                 if not buf:
                     yield b": keepalive\n\n"
                     continue
-            chunk = "".join(buf)
+            chunk = b"".join(buf)
             buf.clear()
             self.made_room()
-            yield chunk.encode()
+            yield chunk
 
 
 def _names(raw: str | None, check: Any) -> list[str]:

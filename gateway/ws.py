@@ -18,6 +18,7 @@ from . import metrics
 from .auth import AuthError, Identity
 from .conn import Conn
 from .handlers import Session
+from .wire import from_scope
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -128,6 +129,7 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
         verified=identity.verified,
         maxlen=s.send_queue,
         slow_timeout=s.slow_client_timeout,
+        wire=from_scope(socket.scope),
     )
     conn.inflight = asyncio.Semaphore(s.max_inflight)
     conn.start()
@@ -192,9 +194,7 @@ async def _read_loop(gw: Gateway, socket: WebSocket[Any, Any, Any], session: Ses
             text = event.get("text")
             if not isinstance(text, str):
                 metrics.CLIENT_ERRORS.labels(ErrorCode.BAD_FRAME.value).inc()
-                conn.offer(
-                    error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted").decode()
-                )
+                conn.offer(error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
                 continue
             await session.handle_text(text)
     finally:

@@ -1,0 +1,76 @@
+"""The fan-out's fast path: WebSocket frames built once, written straight to the socket.
+
+uvicorn's sans-I/O protocol turns every ``websocket.send`` into an ASGI call through the
+framework, a frame built by ``websockets`` and a transport write: per client, per message.
+:class:`WireProtocol` is that protocol plus two things the gateway uses for outbound frames:
+``write_frame`` (a pre-built, unmasked server frame straight to the transport, no task, no
+await) and a ``on_writable`` callback when the transport drains below its low-water mark.
+A message fanned out to N local clients is encoded and framed once, then written N times.
+
+Everything else (handshake, reads, ping/pong, close) is uvicorn's, unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+SCOPE_KEY = "roombus.wire"
+"""The key in the ASGI scope's ``extensions`` under which the protocol offers itself."""
+
+_HEAD_SHORT = struct.Struct("!BB")
+_HEAD_MEDIUM = struct.Struct("!BBH")
+_HEAD_LONG = struct.Struct("!BBQ")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (server to client) carrying ``payload`` (UTF-8 JSON)."""
+    n = len(payload)
+    if n < 126:
+        return _HEAD_SHORT.pack(0x81, n) + payload
+    if n < 65536:
+        return _HEAD_MEDIUM.pack(0x81, 126, n) + payload
+    return _HEAD_LONG.pack(0x81, 127, n) + payload
+
+
+class WireProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol with a direct, non-blocking frame writer."""
+
+    on_writable: Callable[[], None] | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the app task is created but has not run yet
+            scope["extensions"][SCOPE_KEY] = self
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        callback = self.on_writable
+        if callback is not None:
+            callback()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_writable = None
+        super().connection_lost(exc)
+
+    def can_write(self) -> bool:
+        """The transport's buffer is below its high-water mark."""
+        return self.writable.is_set()
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write a pre-built frame; False once the connection is closing or gone."""
+        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
+            return False
+        self.transport.write(frame)
+        return True
+
+
+def from_scope(scope: Any) -> WireProtocol | None:
+    """The connection's :class:`WireProtocol`, when the server is one."""
+    wire = (scope.get("extensions") or {}).get(SCOPE_KEY)
+    return wire if isinstance(wire, WireProtocol) else None
