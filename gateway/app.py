@@ -103,11 +103,13 @@ class Gateway:
                 pending_bytes_limit=64 * 1024 * 1024,
             )
         await nc.flush()
+        sweeper = asyncio.create_task(self.hub.sweep_idle(self.settings.idle_timeout))
         log.info("gateway ready", extra={"port": self.settings.port})
         try:
             yield
         finally:
             self.accepting = False
+            sweeper.cancel()
             if self._tasks:  # sends waiting for their storage ack
                 await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
             await reporter.stop(self.settings.shutdown_timeout / 4)

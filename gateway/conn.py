@@ -38,7 +38,7 @@ class Conn:
         "user",
         "verified",
         "rooms",
-        "closed",
+        "is_closed",
         "close_code",
         "task",
         "shut_cancelled",
@@ -56,6 +56,7 @@ class Conn:
         "replaying",
         "events",
         "inflight",
+        "last_seen",
     )
 
     def __init__(
@@ -71,7 +72,7 @@ class Conn:
         self.verified = verified
         self.rooms: set[str] = set()
         self.events: set[str] = set()
-        self.closed = asyncio.Event()
+        self.is_closed = False
         self.close_code: int = CloseCode.NORMAL
         self.task: asyncio.Task[Any] | None = None
         """The connection's own task, cancelled by :meth:`shut` to end a blocked read."""
@@ -79,7 +80,8 @@ class Conn:
         self._send = send
         self._wire = wire
         # Frames waiting for the socket: wire frames (fast path) or payloads (ASGI path).
-        self._buf: deque[bytes] = deque()
+        # (None until the first frame has to wait: most connections never need one.)
+        self._buf: deque[bytes] | None = None
         self._max = maxlen
         self._wake: asyncio.Event | None = None
         self._full_since: float | None = None
@@ -93,6 +95,8 @@ class Conn:
         # room -> live (id, frame) pairs held back while a `since` replay is read
         self.replaying: dict[str, list[tuple[str, bytes]]] = {}
         self.inflight = asyncio.Semaphore(1)
+        self.last_seen: float | None = None
+        """When the client last sent a frame (monotonic); None: no idle timeout (SSE)."""
 
     def start(self) -> None:
         self._started = True
@@ -113,7 +117,7 @@ class Conn:
 
         ``wire`` is ``frame`` as a WebSocket text frame, when the caller built it already.
         """
-        if self.closed.is_set():
+        if self.is_closed:
             return False
         buf = self._buf
         fast = self._wire
@@ -126,7 +130,9 @@ class Conn:
                     return False
                 return True
             frame = wire
-        if len(buf) >= self._max:
+        if buf is None:
+            buf = self._buf = deque()
+        elif len(buf) >= self._max:
             metrics.DROPPED.labels("slow_client").inc()
             now = time.monotonic()
             if self._full_since is None:
@@ -145,8 +151,8 @@ class Conn:
 
         A client that makes no room within the slow-client timeout is disconnected.
         """
-        while len(self._buf) >= self._max:
-            if self.closed.is_set():
+        while self._buf is not None and len(self._buf) >= self._max:
+            if self.is_closed:
                 return False
             if self._space is None:
                 self._space = asyncio.Event()
@@ -183,10 +189,12 @@ class Conn:
 
     def shut(self, code: int) -> None:
         """Close the connection with ``code`` (idempotent); interrupts its blocked read."""
-        if self.closed.is_set():
+        if self.is_closed:
             return
         self.close_code = code
-        self.closed.set()
+        self.is_closed = True
+        if self._wake is not None:
+            self._wake.set()
         task = self.task
         if task is not None and not task.done() and task is not asyncio.current_task():
             self.shut_cancelled = True
@@ -194,6 +202,7 @@ class Conn:
 
     async def _write_loop(self) -> None:
         buf = self._buf
+        assert buf is not None
         try:
             while buf:
                 frame = buf.popleft()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -11,6 +12,7 @@ from nats.aio.msg import Msg
 
 from proto import subjects
 from proto.bus import ChatMessage, PresenceEvent, parse_bus_chat, parse_bus_direct
+from proto.errors import CloseCode
 from proto.frames import encode_frame
 from services.logs import RateLimitedLog
 
@@ -127,6 +129,18 @@ class Hub:
 
     def local_users(self, room: str) -> set[str]:
         return {c.user for c in self.rooms.get(room, ())}
+
+    async def sweep_idle(self, idle_timeout: float) -> None:
+        """Close (4009) every connection that sent nothing for ``idle_timeout`` s.
+
+        One sweep for all connections instead of a timer per read on each of them.
+        """
+        every = max(0.05, min(1.0, idle_timeout / 4))
+        while True:
+            await asyncio.sleep(every)
+            cutoff = time.monotonic() - idle_timeout
+            for conn in [c for c in self.conns if c.last_seen is not None and c.last_seen < cutoff]:
+                conn.shut(CloseCode.IDLE_TIMEOUT)
 
     # -- fan-out ----------------------------------------------------------------------
     def deliver(self, room: str, frame: bytes, msg_id: str | None = None) -> int:

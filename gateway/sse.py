@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +44,13 @@ class SseConn(Conn):
     def start(self) -> None:
         """No writer task: :meth:`body` drains the buffer into the HTTP response."""
         self._wake = asyncio.Event()
+        self._buf = deque()
 
     async def body(self) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         buf, wake = self._buf, self._wake
-        assert wake is not None
-        while not self.closed.is_set():
+        assert wake is not None and buf is not None
+        while not self.is_closed:
             if not buf:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):

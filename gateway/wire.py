@@ -12,6 +12,7 @@ Everything else (handshake, reads, ping/pong, close) is uvicorn's, unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -37,16 +38,92 @@ def text_frame(payload: bytes) -> bytes:
     return _HEAD_LONG.pack(0x81, 127, n) + payload
 
 
+class _Inbox:
+    """What uvicorn needs of its receive queue (one reader), without asyncio.Queue's four
+    deques (~3 KiB per idle connection)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+class _Flag:
+    """What uvicorn needs of its ``writable`` event, without a deque per connection."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        while not self._set:
+            w = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(w)
+            await w
+
+
 class WireProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol with a direct, non-blocking frame writer."""
+    """uvicorn's sans-I/O WebSocket protocol with a direct, non-blocking frame writer.
+
+    It also keeps less per idle connection: a list-backed receive queue, a plain writable
+    flag, and no copy of the handshake's headers once the ASGI scope holds them.
+    """
 
     on_writable: Callable[[], None] | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = _Flag()  # type: ignore[assignment]
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        # The request (kept alive by the handshake parser) has been copied into the scope.
+        event.headers.clear()
         scope = getattr(self, "scope", None)
         if scope is not None:  # the app task is created but has not run yet
             scope["extensions"][SCOPE_KEY] = self
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            self.response = None  # type: ignore[assignment]  # only needed to accept
 
     def resume_writing(self) -> None:
         super().resume_writing()
