@@ -37,6 +37,25 @@ async def test_message_sent_on_one_gateway_reaches_clients_on_another(
     assert clients[0].of("chat.message", text="hello")[0]["data"]["user"] == "u0"
 
 
+@pytest.mark.parametrize("protocol", ["websockets-sansio", "websockets"])
+async def test_every_websocket_implementation_speaks_the_same_protocol(
+    nats_server: NatsServer, services: ServiceFactory, room: str, protocol: str
+) -> None:
+    """The default (`direct`: frames written straight to the socket) beside uvicorn's own
+    implementations (every frame through ASGI): the same frames, both ways, long ones too."""
+    fast = services("gateway", nats_server)
+    other = services("gateway", nats_server, WS_PROTOCOL=protocol)
+    a, b = await Client.open(fast.ws_url, "a"), await Client.open(other.ws_url, "b")
+    await a.join(room)
+    await b.join(room)
+    long = "é" * 1500  # > 125 and > 2**8 bytes: the longer frame headers
+    await a.send("chat.message", room=room, text="from direct")
+    await b.send("chat.message", room=room, text=long)
+    for c in (a, b):
+        await c.wait_texts(["from direct", long], room)
+        assert sorted(c.texts(room)) == sorted(["from direct", long])
+
+
 async def test_rooms_are_isolated(
     nats_server: NatsServer, services: ServiceFactory, room: str
 ) -> None:
