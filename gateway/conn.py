@@ -133,7 +133,7 @@ class Conn:
         if buf is None:
             buf = self._buf = deque()
         elif len(buf) >= self._max:
-            metrics.DROPPED.labels("slow_client").inc()
+            metrics.DROPPED_SLOW_CLIENT.inc()
             now = time.monotonic()
             if self._full_since is None:
                 self._full_since = now

@@ -52,7 +52,7 @@ class Session:
             extra = {"frame": exc.frame_type} if exc.frame_type else {}
             self.error(exc.code, exc.message, **extra)
             return
-        metrics.FRAMES_IN.labels(frame.type).inc()
+        metrics.frames_in(frame.type).inc()
         try:
             await self.dispatch(frame)
         except FrameError as exc:

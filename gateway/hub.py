@@ -259,7 +259,7 @@ class Hub:
 
     async def on_room_message(self, msg: Msg) -> None:
         """Callback of the ``room.*.message`` wildcard subscription."""
-        metrics.BUS_IN.labels("room_message").inc()
+        metrics.BUS_IN_ROOM_MESSAGE.inc()
         room = subjects.parse_room_message(msg.subject)
         if room is None:
             metrics.BUS_MALFORMED.labels("room_message").inc()

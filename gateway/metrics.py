@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("roombus_gateway_open_connections", "Open WebSocket connections")
@@ -44,3 +46,9 @@ FANOUT_SECONDS = Histogram(
 )
 API_REQUESTS = Counter("roombus_gateway_api_requests_total", "HTTP publish API answers", ["status"])
 SSE_STREAMS = Gauge("roombus_gateway_sse_streams", "Open Server-Sent Events streams")
+
+# Label children on hot paths, looked up once (``labels()`` takes a lock and hashes each call).
+BUS_IN_ROOM_MESSAGE = BUS_IN.labels("room_message")
+PUBLISHED_CHAT = PUBLISHED.labels("chat")
+DROPPED_SLOW_CLIENT = DROPPED.labels("slow_client")
+frames_in = functools.cache(FRAMES_IN.labels)

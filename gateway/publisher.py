@@ -107,14 +107,14 @@ class Publisher:
         nc = self.bus.nc
         if not self.settings.store_acks:
             await nc.publish(subject, payload, headers=headers)
-            metrics.PUBLISHED.labels("chat").inc()
+            metrics.PUBLISHED_CHAT.inc()
             return True
         deadline = time.monotonic() + self.settings.ack_deadline
         delay = self.settings.ack_timeout
         attempt = 0
         while True:
             attempt += 1
-            metrics.PUBLISHED.labels("chat" if attempt == 1 else "retry").inc()
+            (metrics.PUBLISHED_CHAT if attempt == 1 else metrics.PUBLISHED.labels("retry")).inc()
             started = time.monotonic()
             try:
                 reply = await nc.request(subject, payload, timeout=delay, headers=headers)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .ids import MessageId, new_id
-from .names import RoomName, UserId
+from .names import RoomName, UserId, check_name
 
 TEXT_MAX = 4000
 CLIENT_ID_MAX = 64
@@ -61,9 +61,10 @@ class BusChatInput(_Payload):
         ts = self.ts if self.ts is not None else utcnow()
         if ts.tzinfo is None:
             ts = ts.replace(tzinfo=UTC)
-        return ChatMessage(
+        # Every field was validated by this model (room: below): no second validation.
+        return ChatMessage.model_construct(
             id=self.id or new_id(),
-            room=room,
+            room=check_name(room),
             user=self.user,
             text=self.text,
             ts=ts.astimezone(UTC),
