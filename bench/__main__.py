@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from bench.loadgen import idle_proc, publisher_proc, raise_nofile, subscriber_proc
+from bench.loadgen import idle_proc, publisher_proc, raise_nofile, store_proc, subscriber_proc
 from services.natsserver import NatsServer
 from tests.support.procs import free_port
 
@@ -48,8 +48,9 @@ class Server:
             "RATE_LIMIT": "100000",
             "RATE_BURST": "100000",
         }
-        if kind == "roombus":
-            cmd = [sys.executable, "-m", "services.cli", "gateway", "--port", str(self.port)]
+        if kind in ("roombus", "history"):
+            cmd = [sys.executable, "-m", "services.cli", "gateway" if kind == "roombus" else kind]
+            cmd += ["--port", str(self.port)]
         else:
             cmd = [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
             cmd += ["--nats-url", nats_url]
@@ -66,7 +67,7 @@ class Server:
         raise RuntimeError(f"{kind} did not start")
 
     def _ready(self) -> bool:
-        if self.kind == "roombus":
+        if self.kind in ("roombus", "history"):
             try:
                 r = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1)
                 return r.status_code == 200
@@ -96,7 +97,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run_rate(
-    servers: list[Server], rooms: list[str], subs: int, pubs: int, rate: float, dur: float
+    servers: list[Server],
+    rooms: list[str],
+    subs: int,
+    pubs: int,
+    rate: float,
+    dur: float,
+    history: list[Server],
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     ready, go, out_s, out_p = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
@@ -106,11 +113,14 @@ def run_rate(
     if not ready.wait(120):
         raise RuntimeError("subscribers did not connect")
     cpu0 = sum(cpu_s(s.proc.pid) for s in servers)
+    hcpu0 = sum(cpu_s(s.proc.pid) for s in history)
     pp = ctx.Process(target=publisher_proc, args=(kind, urls, rooms, pubs, rate, dur, go, out_p))
     pp.start()
-    sent = out_p.get(timeout=dur + 120)
+    pub = out_p.get(timeout=dur + 120)
+    sent = pub["sent"]
     res = out_s.get(timeout=dur + 120)
     cpu1 = sum(cpu_s(s.proc.pid) for s in servers)
+    hcpu1 = sum(cpu_s(s.proc.pid) for s in history)
     pp.join(10)
     sp.join(10)
     lat = res["latencies"]
@@ -126,22 +136,32 @@ def run_rate(
         "p99_ms": pct(lat, 0.99) * 1000,
         "max_ms": max(lat) * 1000 if lat else float("nan"),
         "cpu_s_per_100k": (cpu1 - cpu0) / len(lat) * 1e5 if lat else float("nan"),
+        "history_cpu_s_per_100k": (hcpu1 - hcpu0) / len(lat) * 1e5 if lat and history else None,
+        "acks": pub["acks"],
+        "errors": pub["errors"],
     }
 
 
 def ramp(
-    servers: list[Server], rooms: list[str], subs: int, pubs: int, rates: list[float], dur: float
+    servers: list[Server],
+    rooms: list[str],
+    subs: int,
+    pubs: int,
+    rates: list[float],
+    dur: float,
+    history: list[Server],
 ) -> dict[str, Any]:
     steps, best = [], None
     for r in rates:
-        st = run_rate(servers, rooms, subs, pubs, r, dur)
+        st = run_rate(servers, rooms, subs, pubs, r, dur, history)
         ok = st["delivery_ratio"] >= 0.99 and st["p99_ms"] <= 250
         st["ok"] = ok
         steps.append(st)
         print(
             f"  {servers[0].kind:8} rate {r:6.0f}/s -> {st['delivered_per_s']:8.0f} deliv/s "
             f"ratio {st['delivery_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
-            f"cpu/100k {st['cpu_s_per_100k']:.2f}s",
+            f"cpu/100k {st['cpu_s_per_100k']:.2f}s"
+            + (f" acks {st['acks']} errors {st['errors']}" if history else ""),
             flush=True,
         )
         if not ok:
@@ -179,61 +199,153 @@ def idle(server: Server, n: int) -> dict[str, Any]:
     }
 
 
+def store_step(gateway: Server, history: list[Server], nats_url: str, rate: float, dur: float):  # type: ignore[no-untyped-def]
+    """One (d) step: 20 connections send ``rate`` msgs/s with client_ids; acks are counted."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    g0 = cpu_s(gateway.proc.pid)
+    h0 = sum(cpu_s(h.proc.pid) for h in history)
+    p = ctx.Process(target=store_proc, args=(gateway.url, 20, rate, dur, out))
+    p.start()
+    res = out.get(timeout=dur + 180)
+    p.join(10)
+    g1 = cpu_s(gateway.proc.pid)
+    h1 = sum(cpu_s(h.proc.pid) for h in history)
+    lat, sent = res["ack_latencies"], res["sent"]
+    return {
+        "rate": rate,
+        "sent": sent,
+        "acked": len(lat),
+        "acked_per_s": len(lat) / dur,
+        "ack_ratio": len(lat) / sent if sent else 0.0,
+        "p50_ms": pct(lat, 0.5) * 1000,
+        "p99_ms": pct(lat, 0.99) * 1000,
+        "max_ms": max(lat) * 1000 if lat else float("nan"),
+        "errors": res["errors"],
+        "history_cpu_s_per_1k": (h1 - h0) / len(lat) * 1e3 if lat else float("nan"),
+        "gateway_cpu_s_per_1k": (g1 - g0) / len(lat) * 1e3 if lat else float("nan"),
+    }
+
+
+def stored_messages(nats_url: str) -> int:
+    import asyncio
+
+    import nats
+
+    async def count() -> int:
+        nc = await nats.connect(nats_url)
+        try:
+            info = await nc.jetstream().stream_info("HISTORY")
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def scenario_d(replicas: int, rates: list[float], dur: float, tmp: Path) -> dict[str, Any]:
+    """History store rate with ``replicas`` history processes, on a fresh nats-server."""
+    nats = NatsServer(store_dir=tmp / f"nats-d{replicas}").start()
+    history = [Server("history", nats.url, tmp) for _ in range(replicas)]
+    gateway = Server("roombus", nats.url, tmp)
+    steps, best = [], None
+    try:
+        for r in rates:
+            st = store_step(gateway, history, nats.url, r, dur)
+            ok = st["ack_ratio"] >= 0.99 and st["p99_ms"] <= 250
+            st["ok"] = ok
+            steps.append(st)
+            print(
+                f"  history x{replicas} rate {r:6.0f}/s -> {st['acked_per_s']:7.0f} acked/s "
+                f"ratio {st['ack_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
+                f"history cpu/1k {st['history_cpu_s_per_1k']:.2f}s errors {st['errors']}",
+                flush=True,
+            )
+            if not ok:
+                break
+            best = st
+        stored = stored_messages(nats.url)
+        acked = sum(st["acked"] for st in steps)
+        print(f"  history x{replicas}: {acked} acked, {stored} stored in HISTORY", flush=True)
+    finally:
+        for x in [gateway, *history]:
+            x.stop()
+        nats.stop()
+    return {
+        "replicas": replicas,
+        "steps": steps,
+        "max_ok": best,
+        "acked_total": acked,
+        "stored_total": stored,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="short steps, fewer rates")
+    ap.add_argument("--only", default="a,b,c,d", help="scenarios to run (default: a,b,c,d)")
+    ap.add_argument("--kinds", default="baseline,roombus", help="servers for a-c (default: both)")
     a = ap.parse_args()
     raise_nofile()
     quick = a.quick
+    only = set(a.only.split(","))
+    kinds = [k for k in ("baseline", "roombus") if k in a.kinds.split(",")]
     dur = 3.0 if quick else 5.0
-    rates_a = [10, 20, 40, 80] if quick else [20, 40, 80, 120, 160, 240, 320]
-    rates_b = [100, 200, 400, 800] if quick else [200, 400, 800, 1200, 1600, 2400]
+    rates_a = [20, 40, 80, 160] if quick else [20, 40, 80, 120, 160, 240, 320, 480]
+    rates_b = [200, 400, 800, 1600] if quick else [200, 400, 800, 1200, 1600, 2400, 3200]
+    rates_d = [250, 500, 1000] if quick else [250, 500, 1000, 2000, 3000, 4000]
     idle_ns = [2000] if quick else [5000, 10000]
-    tmp = Path(tempfile.mkdtemp(prefix="roombus-bench-"))
-    nats = NatsServer(store_dir=tmp / "nats").start()
-    results: dict[str, Any] = {
-        "quick": quick,
-        "duration_s": dur,
-        "started": time.time(),
-        "cpus": os.cpu_count(),
-        "scenarios": {},
-    }
-    try:
-        rooms_b = [f"r{i}" for i in range(100)]
-        for kind in ("baseline", "roombus"):
-            servers = [Server(kind, nats.url, tmp) for _ in range(2)]
-            try:
-                print(f"(a) 200 subscribers, 1 room, 2 gateways [{kind}]", flush=True)
-                results["scenarios"].setdefault("a", {})[kind] = ramp(
-                    servers, ["lobby"], 200, 4, rates_a, dur
-                )
-                print(f"(b) 200 subscribers, 100 rooms, 2 gateways [{kind}]", flush=True)
-                results["scenarios"].setdefault("b", {})[kind] = ramp(
-                    servers, rooms_b, 200, 100, rates_b, dur
-                )
-            finally:
-                for s in servers:
-                    s.stop()
-            for n in idle_ns:
-                one = Server(kind, nats.url, tmp)
-                try:
-                    results["scenarios"].setdefault(f"c{n}", {})[kind] = idle(one, n)
-                finally:
-                    one.stop()
-        hist = subprocess.run(
-            [sys.executable, "-m", "services.cli", "history", "--help"],
-            capture_output=True,
-            cwd=ROOT,
-        )
-        results["scenarios"]["d"] = {
-            "skipped": "history service not present"
-            if hist.returncode
-            else "history store rate not measured yet by this bench"
-        }
-    finally:
-        nats.stop()
     name = "quick" if quick else "full"
     out = ROOT / "bench" / "results" / f"{name}.json"
+    # A partial run (--only/--kinds) updates its figures in the existing results.
+    partial = only != {"a", "b", "c", "d"} or len(kinds) < 2
+    results: dict[str, Any] = json.loads(out.read_text()) if partial and out.exists() else {}
+    results.update(
+        {"quick": quick, "duration_s": dur, "started": time.time(), "cpus": os.cpu_count()}
+    )
+    results.setdefault("scenarios", {})
+    tmp = Path(tempfile.mkdtemp(prefix="roombus-bench-"))
+    rooms_b = [f"r{i}" for i in range(100)]
+    for kind in kinds:
+        if not only & {"a", "b", "c"}:
+            break
+        nats = NatsServer(store_dir=tmp / f"nats-{kind}").start()
+        try:
+            # roombus runs as deployed: the gateway waits for storage acks, so two history
+            # replicas store every message (their CPU is reported apart from the gateways').
+            history = (
+                [Server("history", nats.url, tmp) for _ in range(2)] if kind == "roombus" else []
+            )
+            servers = [Server(kind, nats.url, tmp) for _ in range(2)]
+            try:
+                if "a" in only:
+                    print(f"(a) 200 subscribers, 1 room, 2 gateways [{kind}]", flush=True)
+                    results["scenarios"].setdefault("a", {})[kind] = ramp(
+                        servers, ["lobby"], 200, 4, rates_a, dur, history
+                    )
+                if "b" in only:
+                    print(f"(b) 200 subscribers, 100 rooms, 2 gateways [{kind}]", flush=True)
+                    results["scenarios"].setdefault("b", {})[kind] = ramp(
+                        servers, rooms_b, 200, 100, rates_b, dur, history
+                    )
+            finally:
+                for x in servers + history:
+                    x.stop()
+            if "c" in only:
+                for n in idle_ns:
+                    one = Server(kind, nats.url, tmp)
+                    try:
+                        results["scenarios"].setdefault(f"c{n}", {})[kind] = idle(one, n)
+                    finally:
+                        one.stop()
+        finally:
+            nats.stop()
+    if "d" in only:
+        for replicas in (1, 2):
+            print(f"(d) history store rate, {replicas} replica(s), 1 gateway", flush=True)
+            results["scenarios"].setdefault("d", {})[f"replicas_{replicas}"] = scenario_d(
+                replicas, rates_d, dur, tmp
+            )
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
     from bench.report import plot

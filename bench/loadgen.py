@@ -66,11 +66,12 @@ def subscriber_proc(kind, urls, rooms, n, ready, go, dur, out) -> None:  # type:
 
 async def _publishers(
     kind: str, urls: list[str], rooms: list[str], p: int, rate: float, dur: float, go: Any
-) -> int:
+) -> dict[str, Any]:
     pubs = []
     for i in range(p):
         pubs.append(await _open(kind, urls[i % len(urls)], f"p{i}", rooms[i % len(rooms)]))
-    drains = [asyncio.create_task(_drain(ws)) for ws in pubs]
+    counts: dict[str, int] = {}
+    drains = [asyncio.create_task(_drain(ws, counts)) for ws in pubs]
     go.set()
     sent = 0
     start = time.perf_counter()
@@ -99,17 +100,74 @@ async def _publishers(
         t.cancel()
     for ws in pubs:
         await ws.close()
-    return sent
+    return {"sent": sent, "acks": counts.pop("ack", 0), "errors": counts}
 
 
-async def _drain(ws: ClientConnection) -> None:
-    async for _ in ws:
-        pass
+async def _drain(ws: ClientConnection, counts: dict[str, int]) -> None:
+    """Read what the server sends a publisher: count acks, and errors by code."""
+    async for raw in ws:
+        f = orjson.loads(raw)
+        if f.get("type") == "ack":
+            counts["ack"] = counts.get("ack", 0) + 1
+        elif f.get("type") == "error":
+            code = str(f.get("data", {}).get("code"))
+            counts[code] = counts.get(code, 0) + 1
 
 
 def publisher_proc(kind, urls, rooms, p, rate, dur, go, out) -> None:  # type: ignore[no-untyped-def]
     raise_nofile()
     out.put(asyncio.run(_publishers(kind, urls, rooms, p, rate, dur, go)))
+
+
+async def _storers(url: str, p: int, rate: float, dur: float) -> dict[str, Any]:
+    """Scenario (d): ``p`` connections send ``rate`` msgs/s, each with a client_id; the
+    latency is send -> ``ack`` (sent by the gateway once a history replica stored it)."""
+    pubs = [await _open("roombus", url, f"w{i}", "store") for i in range(p)]
+    sent_at: dict[str, float] = {}
+    acked: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def reader(ws: ClientConnection) -> None:
+        async for raw in ws:
+            now = time.perf_counter()
+            f = orjson.loads(raw)
+            if f["type"] == "ack":
+                t0 = sent_at.get(f["data"]["client_id"])
+                if t0 is not None:
+                    acked.append(now - t0)
+            elif f["type"] == "error":
+                code = str(f["data"].get("code"))
+                errors[code] = errors.get(code, 0) + 1
+
+    readers = [asyncio.create_task(reader(ws)) for ws in pubs]
+    sent = 0
+    start = time.perf_counter()
+    interval = 1.0 / rate
+    while True:
+        due = start + sent * interval
+        now = time.perf_counter()
+        if now - start >= dur:
+            break
+        if due > now:
+            await asyncio.sleep(due - now)
+        cid = f"{rate:g}-{start:.6f}-{sent}"  # unique across steps: a reused id is deduped
+        sent_at[cid] = time.perf_counter()
+        data = {"room": "store", "text": f"stored {sent}", "client_id": cid}
+        await pubs[sent % p].send(orjson.dumps({"type": "chat.message", "data": data}).decode())
+        sent += 1
+    deadline = time.perf_counter() + 10.0
+    while len(acked) + sum(errors.values()) < sent and time.perf_counter() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    for t in readers:
+        t.cancel()
+    for ws in pubs:
+        await ws.close()
+    return {"sent": sent, "ack_latencies": acked, "errors": errors}
+
+
+def store_proc(url, p, rate, dur, out) -> None:  # type: ignore[no-untyped-def]
+    raise_nofile()
+    out.put(asyncio.run(_storers(url, p, rate, dur)))
 
 
 async def _idle(kind: str, url: str, n: int, hold: Any, done: Any) -> int:

@@ -15,15 +15,21 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
         for metric in ("delivered_per_s", "p99_ms", "cpu_s_per_100k"):
             vals = []
             for kind in ("roombus", "baseline"):
-                best = sc[key][kind]["max_ok"]
-                vals.append(best[metric] if best else 0.0)
+                best = sc[key].get(kind, {}).get("max_ok")
+                vals.append(best[metric] if best else float("nan"))
             rows.append((key, metric, vals[0], vals[1]))
     for key, v in sc.items():
         if key.startswith("c"):
-            rows.append(
-                (key, "kib_per_conn", v["roombus"]["kib_per_conn"], v["baseline"]["kib_per_conn"])
-            )
+            rb, base = (v.get(k, {}).get("kib_per_conn", float("nan")) for k in KINDS)
+            rows.append((key, "kib_per_conn", rb, base))
     return rows
+
+
+KINDS = ("roombus", "baseline")
+
+
+def _steps(results: dict[str, Any], key: str, kind: str) -> list[dict[str, Any]]:
+    return list(results["scenarios"].get(key, {}).get(kind, {}).get("steps", []))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -32,10 +38,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for ax, key in zip(axes[:2], ("a", "b"), strict=True):
+        if key not in results["scenarios"]:
+            ax.set_visible(False)
+            continue
         for kind, color in (("roombus", "tab:blue"), ("baseline", "tab:gray")):
-            steps = results["scenarios"][key][kind]["steps"]
+            steps = _steps(results, key, kind)
             ax.plot(
                 [s["rate"] for s in steps],
                 [s["p99_ms"] for s in steps],
@@ -59,25 +68,35 @@ def plot(results: dict[str, Any], path: Path) -> None:
     cs = [k for k in results["scenarios"] if k.startswith("c")]
     x = range(len(cs))
     ax = axes[2]
-    ax.bar(
-        [i - 0.2 for i in x],
-        [results["scenarios"][k]["roombus"]["kib_per_conn"] for k in cs],
-        0.4,
-        label="roombus",
-        color="tab:blue",
-    )
-    ax.bar(
-        [i + 0.2 for i in x],
-        [results["scenarios"][k]["baseline"]["kib_per_conn"] for k in cs],
-        0.4,
-        label="baseline",
-        color="tab:gray",
-    )
+    for kind, color, shift in (("roombus", "tab:blue", -0.2), ("baseline", "tab:gray", 0.2)):
+        ax.bar(
+            [i + shift for i in x],
+            [results["scenarios"][k].get(kind, {}).get("kib_per_conn", 0) for k in cs],
+            0.4,
+            label=kind,
+            color=color,
+        )
     ax.axhline(25, color="red", lw=0.8)
     ax.set_xticks(list(x), [k[1:] + " idle" for k in cs])
     ax.set_ylabel("KiB RSS per idle connection")
     ax.set_title("(c) idle connections, one process")
     ax.legend(fontsize=8)
+    ax = axes[3]
+    d = results["scenarios"].get("d", {})
+    for (name, run), color in zip(sorted(d.items()), ("tab:green", "tab:purple"), strict=False):
+        steps = run.get("steps", [])
+        ax.plot(
+            [s["rate"] for s in steps],
+            [s["acked_per_s"] for s in steps],
+            "o-",
+            color=color,
+            label=f"{run.get('replicas', name)} history replica(s)",
+        )
+    ax.set_xlabel("sent msgs/s (with client_id)")
+    ax.set_ylabel("stored + acked msgs/s")
+    ax.set_title("(d) history store rate, 1 gateway")
+    if d:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     print(f"wrote {path}")
@@ -94,13 +113,32 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| {key} | {metric} | {rb:.1f} | {base:.1f} | {ratio:.2f} |")
     for key, v in results["scenarios"].items():
         if key.startswith("c"):
-            for kind in ("roombus", "baseline"):
-                lines.append(
-                    f"| {key} | {kind} opened / errors | {v[kind]['opened']} / "
-                    f"{v[kind]['errors']} | | |"
-                )
-        if key == "d":
-            lines.append(f"| d | history store rate | {v.get('skipped', v)} | | |")
+            for kind in KINDS:
+                if kind in v:
+                    lines.append(
+                        f"| {key} | {kind} opened / errors | {v[kind]['opened']} / "
+                        f"{v[kind]['errors']} | | |"
+                    )
+    for key in ("a", "b"):
+        best = results["scenarios"].get(key, {}).get("roombus", {}).get("max_ok")
+        if best and best.get("history_cpu_s_per_100k") is not None:
+            lines.append(
+                f"| {key} | history_cpu_s_per_100k (2 replicas) | "
+                f"{best['history_cpu_s_per_100k']:.1f} | | |"
+            )
+    for name, run in sorted(results["scenarios"].get("d", {}).items()):
+        best = run.get("max_ok")
+        if not best:
+            lines.append(f"| d | {name}: no passing step | | | |")
+            continue
+        lines.append(
+            f"| d | acked_per_s, {run['replicas']} history replica(s) | "
+            f"{best['acked_per_s']:.0f} (p99 {best['p99_ms']:.1f} ms) | | |"
+        )
+        lines.append(
+            f"| d | stored / acked, {run['replicas']} replica(s) | "
+            f"{run['stored_total']} / {run['acked_total']} | | |"
+        )
     return "\n".join(lines)
 
 
