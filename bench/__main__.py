@@ -21,6 +21,10 @@ from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
+# Server kinds: the bare baseline, roombus as deployed (two history replicas store every
+# message before the ack), roombus as a pure fan-out (STORE_ACKS=false, no history).
+KINDS = ("baseline", "roombus", "fanout")
+GATEWAYS = ("roombus", "fanout")
 
 
 def cpu_s(pid: int) -> float:
@@ -48,8 +52,16 @@ class Server:
             "RATE_LIMIT": "100000",
             "RATE_BURST": "100000",
         }
-        if kind in ("roombus", "history"):
-            cmd = [sys.executable, "-m", "services.cli", "gateway" if kind == "roombus" else kind]
+        if kind == "fanout":
+            # roombus as a pure fan-out: no history service, acks without storage.
+            env["STORE_ACKS"] = "false"
+        if kind in GATEWAYS or kind == "history":
+            cmd = [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "history" if kind == "history" else "gateway",
+            ]
             cmd += ["--port", str(self.port)]
         else:
             cmd = [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
@@ -67,7 +79,7 @@ class Server:
         raise RuntimeError(f"{kind} did not start")
 
     def _ready(self) -> bool:
-        if self.kind in ("roombus", "history"):
+        if self.kind in GATEWAYS or self.kind == "history":
             try:
                 r = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1)
                 return r.status_code == 200
@@ -284,21 +296,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short steps, fewer rates")
     ap.add_argument("--only", default="a,b,c,d", help="scenarios to run (default: a,b,c,d)")
-    ap.add_argument("--kinds", default="baseline,roombus", help="servers for a-c (default: both)")
+    ap.add_argument(
+        "--kinds", default=",".join(KINDS), help="servers for a-c (default: %(default)s)"
+    )
     a = ap.parse_args()
     raise_nofile()
     quick = a.quick
     only = set(a.only.split(","))
-    kinds = [k for k in ("baseline", "roombus") if k in a.kinds.split(",")]
+    kinds = [k for k in KINDS if k in a.kinds.split(",")]
     dur = 3.0 if quick else 5.0
     rates_a = [20, 40, 80, 160] if quick else [20, 40, 80, 120, 160, 240, 320, 480]
-    rates_b = [200, 400, 800, 1600] if quick else [200, 400, 800, 1200, 1600, 2400, 3200]
+    rates_b = (
+        [200, 400, 800, 1600] if quick else [200, 400, 800, 1200, 1600, 2400, 3200, 4800, 6400]
+    )
     rates_d = [250, 500, 1000] if quick else [250, 500, 1000, 2000, 3000, 4000]
     idle_ns = [2000] if quick else [5000, 10000]
     name = "quick" if quick else "full"
     out = ROOT / "bench" / "results" / f"{name}.json"
     # A partial run (--only/--kinds) updates its figures in the existing results.
-    partial = only != {"a", "b", "c", "d"} or len(kinds) < 2
+    partial = only != {"a", "b", "c", "d"} or len(kinds) < len(KINDS)
     results: dict[str, Any] = json.loads(out.read_text()) if partial and out.exists() else {}
     results.update(
         {"quick": quick, "duration_s": dur, "started": time.time(), "cpus": os.cpu_count()}
@@ -307,8 +323,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="roombus-bench-"))
     rooms_b = [f"r{i}" for i in range(100)]
     for kind in kinds:
-        if not only & {"a", "b", "c"}:
-            break
+        if not only & ({"a", "b"} if kind == "fanout" else {"a", "b", "c"}):
+            continue
         nats = NatsServer(store_dir=tmp / f"nats-{kind}").start()
         try:
             # roombus runs as deployed: the gateway waits for storage acks, so two history
@@ -331,7 +347,7 @@ def main() -> None:
             finally:
                 for x in servers + history:
                     x.stop()
-            if "c" in only:
+            if "c" in only and kind != "fanout":  # same gateway process as roombus
                 for n in idle_ns:
                     one = Server(kind, nats.url, tmp)
                     try:

@@ -18,6 +18,17 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
                 best = sc[key].get(kind, {}).get("max_ok")
                 vals.append(best[metric] if best else float("nan"))
             rows.append((key, metric, vals[0], vals[1]))
+    for key in ("a", "b"):
+        fan, base = (sc.get(key, {}).get(k, {}).get("max_ok") for k in ("fanout", "baseline"))
+        if fan and base:
+            rows.append(
+                (
+                    key,
+                    "delivered_per_s, fan-out only",
+                    fan["delivered_per_s"],
+                    base["delivered_per_s"],
+                )
+            )
     for key, v in sc.items():
         if key.startswith("c"):
             rb, base = (v.get(k, {}).get("kib_per_conn", float("nan")) for k in KINDS)
@@ -26,6 +37,8 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
 
 
 KINDS = ("roombus", "baseline")
+# kind -> plot colour; "fanout" is roombus with STORE_ACKS=false and no history service.
+COLOURS = {"roombus": "tab:blue", "fanout": "tab:green", "baseline": "tab:gray"}
 
 
 def _steps(results: dict[str, Any], key: str, kind: str) -> list[dict[str, Any]]:
@@ -43,8 +56,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if key not in results["scenarios"]:
             ax.set_visible(False)
             continue
-        for kind, color in (("roombus", "tab:blue"), ("baseline", "tab:gray")):
+        for kind, color in COLOURS.items():
             steps = _steps(results, key, kind)
+            if not steps:
+                continue
             ax.plot(
                 [s["rate"] for s in steps],
                 [s["p99_ms"] for s in steps],
@@ -82,7 +97,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title("(c) idle connections, one process")
     ax.legend(fontsize=8)
     ax = axes[3]
-    d = results["scenarios"].get("d", {})
+    d = {k: v for k, v in results["scenarios"].get("d", {}).items() if isinstance(v, dict)}
     for (name, run), color in zip(sorted(d.items()), ("tab:green", "tab:purple"), strict=False):
         steps = run.get("steps", [])
         ax.plot(
@@ -127,6 +142,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{best['history_cpu_s_per_100k']:.1f} | | |"
             )
     for name, run in sorted(results["scenarios"].get("d", {}).items()):
+        if not isinstance(run, dict):
+            continue
         best = run.get("max_ok")
         if not best:
             lines.append(f"| d | {name}: no passing step | | | |")
