@@ -136,7 +136,10 @@ class HistoryService:
         assert self.store is not None and self._bus is not None
         store = self.store
         try:
-            results = await asyncio.gather(*(store.append(s, i, p) for s, i, p in copies))
+            if len(copies) == 1:  # a room message: no gather (and its extra task)
+                results = [await store.append(*copies[0])]
+            else:
+                results = await asyncio.gather(*(store.append(s, i, p) for s, i, p in copies))
             seq, duplicate = results[0][0], all(d for _, d in results)
         except Exception as exc:
             # No ack goes back: the sender retries with the same id, and JetStream's
