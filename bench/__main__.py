@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,50 @@ def run_rate(
     }
 
 
+def search_max(
+    run: Callable[[float], dict[str, Any]],
+    passed: Callable[[dict[str, Any]], bool],
+    rates: list[float],
+    extend: int = 2,
+    refine: int = 2,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The ramp: ``rates`` in order until one fails; past the list's end, up to ``extend``
+    more steps x1.5 while they pass; then ``refine`` bisections between the highest passing
+    and the lowest failing rate. Returns (steps in run order, highest passing step)."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    failed: float | None = None
+
+    def step(rate: float) -> bool:
+        st = run(rate)
+        st["ok"] = passed(st)
+        steps.append(st)
+        return bool(st["ok"])
+
+    todo = list(rates)
+    while todo:
+        r = todo.pop(0)
+        if not step(r):
+            failed = r
+            break
+        best = steps[-1]
+        if not todo and extend > 0:
+            extend -= 1
+            todo.append(round(r * 1.5))
+    for _ in range(refine):
+        if best is None or failed is None:
+            break
+        mid = round((best["rate"] + failed) / 2)
+        if mid - best["rate"] < 0.1 * best["rate"]:
+            break  # within 10%: finer than this run's noise
+        time.sleep(3)  # let the overloaded step's backlog drain first
+        if step(mid):
+            best = steps[-1]
+        else:
+            failed = mid
+    return steps, best
+
+
 def ramp(
     servers: list[Server],
     rooms: list[str],
@@ -163,22 +208,22 @@ def ramp(
     dur: float,
     history: list[Server],
 ) -> dict[str, Any]:
-    steps, best = [], None
-    for r in rates:
+    def run(r: float) -> dict[str, Any]:
         st = run_rate(servers, rooms, subs, pubs, r, dur, history)
         ok = st["delivery_ratio"] >= 0.99 and st["p99_ms"] <= 250
-        st["ok"] = ok
-        steps.append(st)
         print(
             f"  {servers[0].kind:8} rate {r:6.0f}/s -> {st['delivered_per_s']:8.0f} deliv/s "
             f"ratio {st['delivery_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
             f"cpu/100k {st['cpu_s_per_100k']:.2f}s"
-            + (f" acks {st['acks']} errors {st['errors']}" if history else ""),
+            + (f" acks {st['acks']} errors {st['errors']}" if history else "")
+            + ("" if ok else "  (fails)"),
             flush=True,
         )
-        if not ok:
-            break
-        best = st
+        return st
+
+    steps, best = search_max(
+        run, lambda st: st["delivery_ratio"] >= 0.99 and st["p99_ms"] <= 250, rates
+    )
     return {"steps": steps, "max_ok": best}
 
 
@@ -260,22 +305,21 @@ def scenario_d(replicas: int, rates: list[float], dur: float, tmp: Path) -> dict
     nats = NatsServer(store_dir=tmp / f"nats-d{replicas}").start()
     history = [Server("history", nats.url, tmp) for _ in range(replicas)]
     gateway = Server("roombus", nats.url, tmp)
-    steps, best = [], None
+
+    def run(r: float) -> dict[str, Any]:
+        st = store_step(gateway, history, nats.url, r, dur)
+        print(
+            f"  history x{replicas} rate {r:6.0f}/s -> {st['acked_per_s']:7.0f} acked/s "
+            f"ratio {st['ack_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
+            f"history cpu/1k {st['history_cpu_s_per_1k']:.2f}s errors {st['errors']}",
+            flush=True,
+        )
+        return st
+
     try:
-        for r in rates:
-            st = store_step(gateway, history, nats.url, r, dur)
-            ok = st["ack_ratio"] >= 0.99 and st["p99_ms"] <= 250
-            st["ok"] = ok
-            steps.append(st)
-            print(
-                f"  history x{replicas} rate {r:6.0f}/s -> {st['acked_per_s']:7.0f} acked/s "
-                f"ratio {st['ack_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
-                f"history cpu/1k {st['history_cpu_s_per_1k']:.2f}s errors {st['errors']}",
-                flush=True,
-            )
-            if not ok:
-                break
-            best = st
+        steps, best = search_max(
+            run, lambda st: st["ack_ratio"] >= 0.99 and st["p99_ms"] <= 250, rates
+        )
         stored = stored_messages(nats.url)
         acked = sum(st["acked"] for st in steps)
         print(f"  history x{replicas}: {acked} acked, {stored} stored in HISTORY", flush=True)

@@ -42,7 +42,9 @@ COLOURS = {"roombus": "tab:blue", "fanout": "tab:green", "baseline": "tab:gray"}
 
 
 def _steps(results: dict[str, Any], key: str, kind: str) -> list[dict[str, Any]]:
-    return list(results["scenarios"].get(key, {}).get(kind, {}).get("steps", []))
+    # by rate: the ramp's refining steps run after the first failing one
+    steps = results["scenarios"].get(key, {}).get(kind, {}).get("steps", [])
+    return sorted(steps, key=lambda s: s["rate"])
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -99,7 +101,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax = axes[3]
     d = {k: v for k, v in results["scenarios"].get("d", {}).items() if isinstance(v, dict)}
     for (name, run), color in zip(sorted(d.items()), ("tab:green", "tab:purple"), strict=False):
-        steps = run.get("steps", [])
+        steps = sorted(run.get("steps", []), key=lambda s: s["rate"])
         ax.plot(
             [s["rate"] for s in steps],
             [s["acked_per_s"] for s in steps],
