@@ -155,10 +155,21 @@ def run_rate(
     }
 
 
+def settle(pids: list[int], limit: float = 60.0) -> None:
+    """Wait until the servers are idle (< 5% of a core over 0.5 s), at most ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = sum(cpu_s(p) for p in pids)
+        time.sleep(0.5)
+        if sum(cpu_s(p) for p in pids) - before < 0.025:
+            return
+
+
 def search_max(
     run: Callable[[float], dict[str, Any]],
     passed: Callable[[dict[str, Any]], bool],
     rates: list[float],
+    settle: Callable[[], None],
     extend: int = 2,
     refine: int = 2,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -191,7 +202,7 @@ def search_max(
         mid = round((best["rate"] + failed) / 2)
         if mid - best["rate"] < 0.1 * best["rate"]:
             break  # within 10%: finer than this run's noise
-        time.sleep(3)  # let the overloaded step's backlog drain first
+        settle()  # the overloaded step's backlog drains before the next step
         if step(mid):
             best = steps[-1]
         else:
@@ -222,7 +233,10 @@ def ramp(
         return st
 
     steps, best = search_max(
-        run, lambda st: st["delivery_ratio"] >= 0.99 and st["p99_ms"] <= 250, rates
+        run,
+        lambda st: st["delivery_ratio"] >= 0.99 and st["p99_ms"] <= 250,
+        rates,
+        lambda: settle([s.proc.pid for s in servers + history]),
     )
     return {"steps": steps, "max_ok": best}
 
@@ -318,7 +332,10 @@ def scenario_d(replicas: int, rates: list[float], dur: float, tmp: Path) -> dict
 
     try:
         steps, best = search_max(
-            run, lambda st: st["ack_ratio"] >= 0.99 and st["p99_ms"] <= 250, rates
+            run,
+            lambda st: st["ack_ratio"] >= 0.99 and st["p99_ms"] <= 250,
+            rates,
+            lambda: settle([x.proc.pid for x in [gateway, *history]]),
         )
         stored = stored_messages(nats.url)
         acked = sum(st["acked"] for st in steps)
