@@ -152,6 +152,11 @@ def run_rate(
         "history_cpu_s_per_100k": (hcpu1 - hcpu0) / len(lat) * 1e5 if lat and history else None,
         "acks": pub["acks"],
         "errors": pub["errors"],
+        # share of one core each load generator process used over the step (+2 s drain)
+        "loadgen_core_share": {
+            "subscribers": round(res["cpu_s"] / (dur + 2.0), 2),
+            "publishers": round(pub["cpu_s"] / (dur + 2.0), 2),
+        },
     }
 
 
@@ -227,6 +232,7 @@ def ramp(
             f"ratio {st['delivery_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "
             f"cpu/100k {st['cpu_s_per_100k']:.2f}s"
             + (f" acks {st['acks']} errors {st['errors']}" if history else "")
+            + " loadgen {subscribers:.2f}/{publishers:.2f} core".format(**st["loadgen_core_share"])
             + ("" if ok else "  (fails)"),
             flush=True,
         )

@@ -51,12 +51,15 @@ async def _subscribers(
     tasks = [asyncio.create_task(reader(ws)) for ws in socks]
     while not go.is_set():  # noqa: ASYNC110 - a multiprocessing Event
         await asyncio.sleep(0.05)
+    cpu0 = time.process_time()
     await asyncio.sleep(dur + 2.0)  # drain time after the publishers stop
     for t in tasks:
         t.cancel()
     for ws in socks:
         await ws.close()
-    return {"latencies": lat}
+    # CPU while the publishers ran (and the drain after): near 1 s/s = this process is
+    # the bottleneck, and its latencies include its own queueing.
+    return {"latencies": lat, "cpu_s": time.process_time() - cpu0}
 
 
 def subscriber_proc(kind, urls, rooms, n, ready, go, dur, out) -> None:  # type: ignore[no-untyped-def]
@@ -73,6 +76,7 @@ async def _publishers(
     counts: dict[str, int] = {}
     drains = [asyncio.create_task(_drain(ws, counts)) for ws in pubs]
     go.set()
+    cpu0 = time.process_time()
     sent = 0
     start = time.perf_counter()
     interval = 1.0 / rate
@@ -100,7 +104,12 @@ async def _publishers(
         t.cancel()
     for ws in pubs:
         await ws.close()
-    return {"sent": sent, "acks": counts.pop("ack", 0), "errors": counts}
+    return {
+        "sent": sent,
+        "acks": counts.pop("ack", 0),
+        "errors": counts,
+        "cpu_s": time.process_time() - cpu0,
+    }
 
 
 async def _drain(ws: ClientConnection, counts: dict[str, int]) -> None:
