@@ -33,12 +33,15 @@ async def _open(kind: str, url: str, user: str, room: str) -> ClientConnection:
 
 
 async def _subscribers(
-    kind: str, urls: list[str], rooms: list[str], n: int, ready: Any, go: Any, dur: float
+    kind: str, urls: list[str], rooms: list[str], ids: range, ready: Any, go: Any, dur: float
 ) -> dict[str, Any]:
     lat: list[float] = []
     socks = []
-    for i in range(n):
-        socks.append(await _open(kind, urls[i % len(urls)], f"s{i}", rooms[i % len(rooms)]))
+    for i in ids:
+        # a room's subscribers alternate between the servers (subscriber i is in room
+        # i mod len(rooms)), so every message is delivered on both: it crosses the bus
+        server = urls[(i // len(rooms)) % len(urls)]
+        socks.append(await _open(kind, server, f"s{i}", rooms[i % len(rooms)]))
     ready.set()
 
     async def reader(ws: ClientConnection) -> None:
@@ -62,9 +65,10 @@ async def _subscribers(
     return {"latencies": lat, "cpu_s": time.process_time() - cpu0}
 
 
-def subscriber_proc(kind, urls, rooms, n, ready, go, dur, out) -> None:  # type: ignore[no-untyped-def]
+def subscriber_proc(kind, urls, rooms, ids, ready, go, dur, out) -> None:  # type: ignore[no-untyped-def]
+    """The subscribers numbered ``ids`` (of all the step's subscribers, over processes)."""
     raise_nofile()
-    out.put(asyncio.run(_subscribers(kind, urls, rooms, n, ready, go, dur)))
+    out.put(asyncio.run(_subscribers(kind, urls, rooms, ids, ready, go, dur)))
 
 
 async def _publishers(
