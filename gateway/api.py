@@ -12,12 +12,13 @@ from litestar.handlers import HTTPRouteHandler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proto import subjects
-from proto.bus import CLIENT_ID_MAX, TEXT_MAX, ChatMessage, DirectMessage, utcnow
+from proto.bus import CLIENT_ID_MAX, TEXT_MAX, ChatMessage, utcnow
 from proto.errors import ErrorCode
 from proto.ids import new_id
 from proto.names import InvalidNameError, UserId, check_event_type, check_name
 
 from . import metrics
+from .publisher import NotStored, idempotency_key
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -68,11 +69,16 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
             return _error(413, ErrorCode.INVALID, f"body over {gw.settings.max_frame_bytes} bytes")
         return raw
 
-    async def store(msg: ChatMessage | DirectMessage) -> Response[dict[str, Any]]:
-        if await gw.publisher.publish(msg):
-            metrics.API_REQUESTS.labels("201").inc()
-            return Response({"id": msg.id}, status_code=201)
-        return _error(503, ErrorCode.NOT_STORED, "not confirmed stored", id=msg.id)
+    async def store(
+        subject: str, body: dict[str, Any], sender: str, client_id: str | None
+    ) -> Response[dict[str, Any]]:
+        key = idempotency_key(f"api.{sender}", subject, client_id)
+        try:
+            ack = await gw.publisher.store(subject, orjson.dumps(body), key)
+        except NotStored as exc:
+            return _error(503, exc.code, exc.message)
+        metrics.API_REQUESTS.labels("201").inc()
+        return Response({"id": ack.id, "seq": ack.seq}, status_code=201)
 
     async def admit(
         request: Request[Any, Any, Any], name: str, check: Callable[[str], str]
@@ -95,16 +101,27 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
             body = RoomPost.model_validate_json(raw)
         except ValidationError as exc:
             return _error(400, ErrorCode.INVALID, _first(exc))
-        msg = ChatMessage(
-            id=await gw.publisher.message_id(f"api.{body.user}", body.client_id),
-            room=room,
-            user=body.user,
-            text=body.text,
-            ts=utcnow(),
-            client_id=body.client_id,
-            verified=True,  # an API key holder vouches for the user it names
+        if gw.settings.is_ephemeral(room):
+            msg = ChatMessage(
+                id=new_id(),
+                room=room,
+                user=body.user,
+                text=body.text,
+                ts=utcnow(),
+                client_id=body.client_id,
+                verified=True,
+            )
+            await gw.bus.nc.publish(
+                subjects.room_message(room),
+                orjson.dumps(msg.model_dump(mode="json", exclude_none=True)),
+            )
+            metrics.API_REQUESTS.labels("202").inc()
+            return Response({"id": msg.id}, status_code=202)
+        # An API key holder vouches for the user it names: verified.
+        chat = {"user": body.user, "text": body.text, "client_id": body.client_id}
+        return await store(
+            subjects.room_message(room), {**chat, "verified": True}, body.user, body.client_id
         )
-        return await store(msg)
 
     @post("/api/users/{user:str}/messages", include_in_schema=False)
     async def user_message(request: Request[Any, Any, Any], user: str) -> Response[Any]:
@@ -115,16 +132,10 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
             body = UserPost.model_validate_json(raw)
         except ValidationError as exc:
             return _error(400, ErrorCode.INVALID, _first(exc))
-        dm = DirectMessage(
-            id=await gw.publisher.message_id(f"api.{body.sender}", body.client_id),
-            sender=body.sender,
-            to=user,
-            text=body.text,
-            ts=utcnow(),
-            client_id=body.client_id,
-            verified=True,
+        dm = {"from": body.sender, "to": user, "text": body.text, "client_id": body.client_id}
+        return await store(
+            subjects.user_message(user), {**dm, "verified": True}, body.sender, body.client_id
         )
-        return await store(dm)
 
     @post("/api/events/{event:str}", include_in_schema=False)
     async def event(request: Request[Any, Any, Any], event: str) -> Response[Any]:

@@ -19,6 +19,7 @@ from proto import subjects
 from proto.names import sanitize_user
 from services.bus import Bus, connect
 from services.http import health_handlers
+from services.streamread import ReadError, StreamReader
 
 from .api import api_handlers
 from .auth import Authenticator
@@ -31,13 +32,20 @@ from .ws import serve_ws
 
 log = logging.getLogger("roombus.gateway")
 
+EPOCH_CHECK = 5.0
+"""Seconds between two checks that the HISTORY stream is still the same one."""
+
 
 class Gateway:
     """Everything one gateway process shares between its connections."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.hub = Hub(settings.dedupe_window, settings.replay_buffer)
+        self.hub = Hub(settings.replay_buffer)
+        self.hub.is_ephemeral = settings.is_ephemeral
+        self._reader: StreamReader | None = None
+        self.epoch = ""
+        """The HISTORY stream's epoch (``joined`` reports it; a recreated stream has a new one)."""
         self.auth = Authenticator(settings)
         self.per_ip: dict[str, int] = {}
         self._publisher: Publisher | None = None
@@ -68,6 +76,12 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     @property
+    def reader(self) -> StreamReader:
+        if self._reader is None:
+            raise RuntimeError("gateway is not connected to NATS yet")
+        return self._reader
+
+    @property
     def publisher(self) -> Publisher:
         if self._publisher is None:
             raise RuntimeError("gateway is not connected to NATS yet")
@@ -75,14 +89,23 @@ class Gateway:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = self._bus is not None and self._bus.connected
-        return connected and self.accepting, {"nats": connected, "accepting": self.accepting}
+        detail = {
+            "nats": connected,
+            "accepting": self.accepting,
+            "history_stream": bool(self.epoch),
+        }
+        return connected and self.accepting, detail
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         self._bus = await connect(self.settings, "gateway")
         nc = self._bus.nc
         self._publisher = Publisher(self._bus, self.settings)
-        await self._publisher.start()
+        self._reader = StreamReader(nc, subjects.HISTORY_STREAM, self.settings.request_timeout)
+        await self._reader.start()
+        self.hub.start_feeds(self._reader)
+        await self._check_epoch()
+        self._bus.on_reconnect.append(self._reconnected)
         reporter = PresenceReporter(
             self._bus, self.gateway_id, self.settings.presence_ttl, self.settings.presence_replicas
         )
@@ -91,9 +114,9 @@ class Gateway:
         # One wildcard per channel kind, never one subscription per client. The pending
         # limits bound what a stalled event loop can queue up inside the client.
         for subject, callback in (
-            (subjects.ROOM_MESSAGE_WILDCARD, self.hub.on_room_message),
+            (subjects.STORED_ROOM_WILDCARD, self.hub.on_stored_room),
+            (subjects.STORED_INBOX_WILDCARD, self.hub.on_stored_inbox),
             (subjects.ROOM_PRESENCE_WILDCARD, self.hub.on_room_presence),
-            (subjects.USER_MESSAGE_WILDCARD, self.hub.on_user_message),
             (subjects.EVENT_WILDCARD, self.hub.on_event),
         ):
             await nc.subscribe(
@@ -104,17 +127,42 @@ class Gateway:
             )
         await nc.flush()
         sweeper = asyncio.create_task(self.hub.sweep_idle(self.settings.idle_timeout))
+        watcher = asyncio.create_task(self._watch_epoch())
         log.info("gateway ready", extra={"port": self.settings.port})
         try:
             yield
         finally:
             self.accepting = False
             sweeper.cancel()
+            watcher.cancel()
             if self._tasks:  # sends waiting for their storage ack
                 await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
             await reporter.stop(self.settings.shutdown_timeout / 4)
             await self._bus.drain(self.settings.shutdown_timeout / 2)
             log.info("gateway stopped")
+
+    # -- the stream ---------------------------------------------------------------------
+    def _reconnected(self) -> None:
+        """Back on NATS: every feed reads what was stored while we were away."""
+        self.hub.feeds_heal()
+        self.spawn(self._check_epoch(), "epoch-check")
+
+    async def _watch_epoch(self) -> None:
+        while True:
+            # Quickly while the stream is not there yet (the history service creates it).
+            await asyncio.sleep(EPOCH_CHECK if self.epoch else 0.25)
+            await self._check_epoch()
+
+    async def _check_epoch(self) -> None:
+        try:
+            epoch = (await self.reader.state()).epoch
+        except ReadError:
+            return
+        if epoch != self.epoch:
+            if self.epoch:
+                log.warning("HISTORY was recreated: rooms restart", extra={"epoch": epoch})
+                self.hub.reset_epoch(epoch)
+            self.epoch = epoch
 
     # -- admission --------------------------------------------------------------------
     def origin_allowed(self, origin: str | None) -> bool:

@@ -19,6 +19,28 @@ log = logging.getLogger("roombus.gateway.conn")
 Send = Callable[[Any], Awaitable[None]]
 
 
+class Catch:
+    """Live frames of one room held for a connection while its replay is read (bounded: past
+    ``limit`` they are dropped and the replay reads them from the stream instead)."""
+
+    __slots__ = ("rows", "overflow", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.rows: list[tuple[int, int, bytes]] = []
+        self.overflow = False
+        self.limit = limit
+
+    def add(self, seq: int, prev: int, frame: bytes) -> None:
+        if self.overflow:
+            return
+        if len(self.rows) >= self.limit:
+            self.overflow = True
+            self.rows.clear()
+            metrics.DROPPED.labels("replay_buffer_reread").inc()
+            return
+        self.rows.append((seq, prev, frame))
+
+
 class Conn:
     """A WebSocket client as the fan-out sees it.
 
@@ -53,7 +75,8 @@ class Conn:
         "_space",
         "_drained",
         "_started",
-        "replaying",
+        "catching",
+        "floor",
         "events",
         "inflight",
         "last_seen",
@@ -92,8 +115,10 @@ class Conn:
         self._space: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._started = False
-        # room -> live (id, frame) pairs held back while a `since` replay is read
-        self.replaying: dict[str, list[tuple[str, bytes]]] = {}
+        # stream subject -> live frames held back while a `since` replay is read
+        self.catching: dict[str, Catch] = {}
+        # stream subject -> seq a replay reached ahead of the feed: skip up to it
+        self.floor: dict[str, int] = {}
         self.inflight = asyncio.Semaphore(1)
         self.last_seen: float | None = None
         """When the client last sent a frame (monotonic); None: no idle timeout (SSE)."""
@@ -112,9 +137,10 @@ class Conn:
         if self._started and self._writer is None and self._buf:
             self._writer = asyncio.create_task(self._write_loop())
 
-    def offer(self, frame: bytes, msg_id: str | None = None, wire: bytes | None = None) -> bool:
+    def offer(self, frame: bytes, cursor: int | None = None, wire: bytes | None = None) -> bool:
         """Send ``frame`` (or queue it); False (and counted) when it was dropped.
 
+        ``cursor`` is the stream position of a stored message (SSE sends it as ``id:``);
         ``wire`` is ``frame`` as a WebSocket text frame, when the caller built it already.
         """
         if self.is_closed:
@@ -146,7 +172,7 @@ class Conn:
         self._kick()
         return True
 
-    async def put(self, frame: bytes, msg_id: str | None = None) -> bool:
+    async def put(self, frame: bytes, cursor: int | None = None) -> bool:
         """Queue ``frame``, waiting for buffer space (for replays, which must not drop).
 
         A client that makes no room within the slow-client timeout is disconnected.
@@ -164,7 +190,7 @@ class Conn:
                 metrics.SLOW_DISCONNECTS.inc()
                 self.shut(CloseCode.SLOW_CONSUMER)
                 return False
-        return self.offer(frame, msg_id)
+        return self.offer(frame, cursor)
 
     def made_room(self) -> None:
         """The buffer drained below half: the client reads again."""

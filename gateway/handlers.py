@@ -13,14 +13,17 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from proto import frames as f
 from proto import subjects
-from proto.bus import ChatMessage, DirectMessage, PresenceEvent, utcnow
+from proto.bus import ChatMessage, PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.frames import FrameError, encode_frame, error_frame
-from proto.svc import REPLAY_PAGE_MAX, PresenceMembers
+from proto.ids import new_id
+from proto.svc import PresenceMembers
 
 from . import metrics
 from .auth import Identity
 from .conn import Conn
+from .publisher import NotStored, idempotency_key
+from .recovery import join_stored, replay
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -97,57 +100,24 @@ class Session:
 
     # -- rooms ------------------------------------------------------------------------
     async def on_join(self, data: f.JoinData) -> None:
-        conn, room = self.conn, data.room
+        conn, room, gw = self.conn, data.room, self.gw
         if not self.identity.may_use(room):
             raise FrameError(ErrorCode.FORBIDDEN, f"you may not join room {room!r}")
-        if room not in conn.rooms and len(conn.rooms) >= self.gw.settings.max_rooms:
-            raise FrameError(
-                ErrorCode.TOO_MANY_ROOMS, f"at most {self.gw.settings.max_rooms} rooms"
-            )
-        if data.since is None or room in conn.replaying:
-            self.gw.hub.join(conn, room)
-            self.send(encode_frame("joined", await self.joined_data(room)))
+        if room not in conn.rooms and len(conn.rooms) >= gw.settings.max_rooms:
+            raise FrameError(ErrorCode.TOO_MANY_ROOMS, f"at most {gw.settings.max_rooms} rooms")
+        if gw.settings.is_ephemeral(room):
+            gw.hub.join(conn, room)
+            await gw.hub.subscribe_ephemeral(gw.bus.nc, room)
+            joined = await self.joined_data(room)
+            self.send(encode_frame("joined", {**joined, "ephemeral": True}))
             return
-        # Hold live messages back while the stored ones are read, then merge by id:
-        # every stored message after `since`, in order, once, then live, with no gap.
-        conn.replaying[room] = []
-        self.gw.hub.join(conn, room)
+        # Presence first: from the join on, nothing may await before `joined` goes out (the
+        # room's messages must not overtake it).
         joined = await self.joined_data(room)
-        self.send(encode_frame("joined", {**joined, "since": data.since}))
-        replayed: set[str] = set()
-        try:
-            await self.replay(room, data.since, replayed)
-        finally:
-            held = conn.replaying.pop(room, [])
-            for msg_id, frame in held:
-                if msg_id not in replayed:
-                    conn.offer(frame, msg_id)
-
-    async def replay(self, room: str, since: str, replayed: set[str]) -> None:
-        after, first = since, True
-        while True:
-            query = {"room": room, "after": after, "limit": REPLAY_PAGE_MAX}
-            page = await self.request(subjects.svc_history(room), query, "history")
-            messages = page.get("messages")
-            if not isinstance(messages, list):
-                raise FrameError(ErrorCode.UNAVAILABLE, "the history service answered garbage")
-            if first and page.get("gap"):
-                self.error(
-                    ErrorCode.HISTORY_GAP,
-                    "retention removed messages since that id; replaying all that are kept",
-                    room=room,
-                )
-            first = False
-            for m in messages:
-                msg = ChatMessage.model_validate(m)
-                replayed.add(msg.id)
-                self.gw.hub.remember(msg.id)
-                if not await self.conn.put(encode_frame("chat.message", msg), msg.id):
-                    return
-                after = msg.id
-            metrics.REPLAYED.inc(len(messages))
-            if not page.get("has_more") or not messages:
-                return
+        fields = await join_stored(gw, conn, room, data.since, data.epoch)
+        self.send(encode_frame("joined", {**joined, **fields}))
+        if fields.get("recovered"):
+            await replay(gw, conn, room, int(str(fields["seq"])))
 
     async def joined_data(self, room: str) -> dict[str, object]:
         """The ``joined`` reply: the room, who we are, and who is there (when presence answers)."""
@@ -206,45 +176,64 @@ class Session:
         return room
 
     # -- messages ---------------------------------------------------------------------
-    async def on_chat(self, data: f.ChatData) -> None:
-        room = self.require_room(data.room)
-        if len(data.text) > self.gw.settings.text_max:
+    def _check_text(self, text: str) -> None:
+        if len(text) > self.gw.settings.text_max:
             raise FrameError(
                 ErrorCode.TEXT_TOO_LONG, f"text is longer than {self.gw.settings.text_max}"
             )
-        publisher = self.gw.publisher
-        msg_id = await publisher.message_id(self.conn.user, data.client_id)
-        msg = ChatMessage(
-            id=msg_id,
-            room=room,
-            user=self.conn.user,
-            text=data.text,
-            ts=utcnow(),
-            client_id=data.client_id,
-            verified=self.conn.verified,
+
+    async def on_chat(self, data: f.ChatData) -> None:
+        room = self.require_room(data.room)
+        self._check_text(data.text)
+        conn, gw = self.conn, self.gw
+        subject = subjects.room_message(room)
+        if gw.settings.is_ephemeral(room):
+            # Never stored: published once, acked at once, no seq.
+            msg = ChatMessage(
+                id=new_id(),
+                room=room,
+                user=conn.user,
+                text=data.text,
+                ts=utcnow(),
+                client_id=data.client_id,
+                verified=conn.verified,
+            )
+            await gw.bus.nc.publish(
+                subject, orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
+            )
+            metrics.PUBLISHED.labels("ephemeral").inc()
+            self.send(encode_frame("ack", {"client_id": data.client_id, "id": msg.id}))
+            return
+        payload = orjson.dumps(
+            {
+                "room": room,
+                "user": conn.user,
+                "text": data.text,
+                "client_id": data.client_id,
+                "verified": conn.verified,
+            }
         )
+        await self._send_stored(subject, payload, data.client_id)
+
+    async def on_dm(self, data: f.DmData) -> None:
+        self._check_text(data.text)
+        payload = orjson.dumps(
+            {
+                "from": self.conn.user,
+                "to": data.to,
+                "text": data.text,
+                "client_id": data.client_id,
+                "verified": self.conn.verified,
+            }
+        )
+        await self._send_stored(subjects.user_message(data.to), payload, data.client_id)
+
+    async def _send_stored(self, subject: str, payload: bytes, client_id: str | None) -> None:
+        key = idempotency_key(self.conn.user, subject, client_id)
         # Storage acks come back asynchronously: the reader goes on with the next frame,
         # up to `max_inflight` unacked sends, then stops reading (TCP backpressure).
         await self.conn.inflight.acquire()
-        self.gw.spawn(self._publish(msg), f"publish-{msg.id}")
-
-    async def on_dm(self, data: f.DmData) -> None:
-        if len(data.text) > self.gw.settings.text_max:
-            raise FrameError(
-                ErrorCode.TEXT_TOO_LONG, f"text is longer than {self.gw.settings.text_max}"
-            )
-        msg_id = await self.gw.publisher.message_id(self.conn.user, data.client_id)
-        dm = DirectMessage(
-            id=msg_id,
-            sender=self.conn.user,
-            to=data.to,
-            text=data.text,
-            ts=utcnow(),
-            client_id=data.client_id,
-            verified=self.conn.verified,
-        )
-        await self.conn.inflight.acquire()
-        self.gw.spawn(self._publish(dm), f"dm-{dm.id}")
+        self.gw.spawn(self._publish(subject, payload, key, client_id), f"publish-{key}")
 
     async def on_dm_history(self, data: f.DmHistoryData) -> None:
         """Only the user's own inbox: the query names the connection's user, nobody else."""
@@ -263,19 +252,19 @@ class Session:
             self.gw.hub.subscribe(self.conn, event)
         self.send(encode_frame("subscribed", {"events": sorted(self.conn.events)}))
 
-    async def _publish(self, msg: ChatMessage | DirectMessage) -> None:
+    async def _publish(self, subject: str, payload: bytes, key: str, client_id: str | None) -> None:
         try:
-            stored = await self.gw.publisher.publish(msg)
+            ack = await self.gw.publisher.store(subject, payload, key)
+        except NotStored as exc:
+            self.error(exc.code, exc.message, client_id=client_id)
+            return
         except Exception:
-            log.exception("publish failed", extra={"id": msg.id})
-            stored = False
+            log.exception("publish failed", extra={"key": key})
+            self.error(ErrorCode.NOT_STORED, "the message was not stored", client_id=client_id)
+            return
         finally:
             self.conn.inflight.release()
-        ack = {"client_id": msg.client_id, "id": msg.id}
-        if stored:
-            self.send(encode_frame("ack", ack))
-        else:
-            self.error(ErrorCode.NOT_STORED, "the message was not confirmed stored", **ack)
+        self.send(encode_frame("ack", {"client_id": client_id, "id": ack.id, "seq": ack.seq}))
 
     async def on_history(self, data: f.HistoryData) -> None:
         room = self.require_room(data.room)

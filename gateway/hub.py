@@ -5,50 +5,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 
 import orjson
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from proto import subjects
-from proto.bus import ChatMessage, PresenceEvent, parse_bus_chat, parse_bus_direct
+from proto.bus import PresenceEvent, parse_bus_chat
 from proto.errors import CloseCode
 from proto.frames import encode_frame
 from services.logs import RateLimitedLog
+from services.streamread import StreamReader
 
 from . import metrics
 from .conn import Conn
+from .feeds import Feed, Feeds, inbox_frame, room_frame
 from .presence import PresenceReporter
 from .wire import text_frame
 
 log = logging.getLogger("roombus.gateway.hub")
 
 
-class RecentIds:
-    """A bounded set of recently seen message ids (oldest forgotten first)."""
-
-    def __init__(self, size: int) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._size = size
-
-    def seen(self, msg_id: str) -> bool:
-        """True if ``msg_id`` was seen before; records it otherwise."""
-        if msg_id in self._ids:
-            return True
-        self._ids[msg_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-        return False
-
-
 class Hub:
     """Which local connections are in which room, and delivery to them.
 
-    The gateway holds one wildcard subscription per channel kind; every bus
-    message is parsed and encoded once, then offered to each local member.
+    The gateway holds one wildcard subscription per channel kind (and one per ephemeral
+    room with local members); every bus message is parsed and encoded once, then offered
+    to each local member. Stored messages go through a :class:`Feed` per room / inbox.
     """
 
-    def __init__(self, dedupe_window: int, replay_buffer: int = 10_000) -> None:
+    def __init__(self, replay_buffer: int = 10_000) -> None:
         self.replay_buffer = replay_buffer
         # Local connections per (room, user): presence is per user, not per tab.
         self.user_counts: dict[tuple[str, str], int] = {}
@@ -57,13 +45,57 @@ class Hub:
         self.conns: set[Conn] = set()
         self.users: dict[str, set[Conn]] = {}
         self.events: dict[str, set[Conn]] = {}
-        self._recent = RecentIds(dedupe_window)
+        self.feeds: Feeds | None = None
+        self.ephemeral: dict[str, Subscription | None] = {}
+        """Ephemeral rooms with local members, and their raw-publish subscription."""
+        self.is_ephemeral: Callable[[str], bool] = lambda room: False
         self._badlog = RateLimitedLog(log)
+
+    def start_feeds(self, reader: StreamReader) -> Feeds:
+        self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer)
+        return self.feeds
+
+    async def subscribe_ephemeral(self, nc: NATS, room: str) -> None:
+        """The raw-publish subscription of an ephemeral room with local members (one per room)."""
+        if room not in self.ephemeral or self.ephemeral[room] is not None:
+            return
+        sub = await nc.subscribe(subjects.room_message(room), cb=self.on_ephemeral)
+        if room in self.ephemeral and self.ephemeral[room] is None:
+            self.ephemeral[room] = sub
+        else:  # left meanwhile, or another join subscribed first
+            await _unsubscribe(sub)
+
+    def feeds_heal(self) -> None:
+        if self.feeds is not None:
+            self.feeds.heal_all()
+
+    def reset_epoch(self, epoch: str) -> None:
+        """The stream was recreated: every room starts again at its new position, and its
+        members are told (``joined`` with ``recovered: false``, reason ``epoch``)."""
+        if self.feeds is None:
+            return
+        for feed in self.feeds.reset_all():
+            if feed.subject.startswith("history."):
+                asyncio.get_running_loop().create_task(self._announce_epoch(feed, epoch))
+
+    async def _announce_epoch(self, feed: Feed, epoch: str) -> None:
+        await feed.ready.wait()
+        data = {"room": feed.name, "epoch": epoch, "seq": feed.last}
+        self.deliver(
+            feed.name, encode_frame("joined", {**data, "recovered": False, "reason": "epoch"})
+        )
+
+    def room_feed(self, room: str) -> Feed | None:
+        return None if self.feeds is None else self.feeds.feeds.get(subjects.history(room))
 
     # -- membership -------------------------------------------------------------------
     def add(self, conn: Conn) -> None:
         self.conns.add(conn)
-        self.users.setdefault(conn.user, set()).add(conn)
+        mine = self.users.setdefault(conn.user, set())
+        mine.add(conn)
+        if len(mine) == 1 and self.feeds is not None:
+            inbox = subjects.inbox(conn.user)
+            self.feeds.open(inbox, conn.user, inbox, inbox_frame)
         metrics.CONNECTIONS.set(len(self.conns))
 
     def remove(self, conn: Conn) -> list[str]:
@@ -78,6 +110,8 @@ class Hub:
             mine.discard(conn)
             if not mine:
                 del self.users[conn.user]
+                if self.feeds is not None:
+                    self.feeds.close(subjects.inbox(conn.user))
         self.conns.discard(conn)
         metrics.CONNECTIONS.set(len(self.conns))
         return rooms
@@ -87,7 +121,14 @@ class Hub:
         if room in conn.rooms:
             return False
         conn.rooms.add(room)
-        self.rooms.setdefault(room, set()).add(conn)
+        members = self.rooms.setdefault(room, set())
+        members.add(conn)
+        if len(members) == 1:
+            if self.is_ephemeral(room):
+                self.ephemeral.setdefault(room, None)
+            elif self.feeds is not None:
+                stored = subjects.history(room)
+                self.feeds.open(stored, room, stored, room_frame)
         metrics.ROOMS.set(len(self.rooms))
         key = (room, conn.user)
         self.user_counts[key] = self.user_counts.get(key, 0) + 1
@@ -99,11 +140,19 @@ class Hub:
         if room not in conn.rooms:
             return False
         conn.rooms.discard(room)
+        conn.catching.pop(subjects.history(room), None)
+        conn.floor.pop(subjects.history(room), None)
         members = self.rooms.get(room)
         if members is not None:
             members.discard(conn)
             if not members:
                 del self.rooms[room]
+                if self.feeds is not None:
+                    self.feeds.close(subjects.history(room))
+                if room in self.ephemeral:
+                    sub = self.ephemeral.pop(room)
+                    if sub is not None:
+                        asyncio.get_running_loop().create_task(_unsubscribe(sub))
         metrics.ROOMS.set(len(self.rooms))
         key = (room, conn.user)
         left = self.user_counts.get(key, 1) - 1
@@ -143,8 +192,9 @@ class Hub:
                 conn.shut(CloseCode.IDLE_TIMEOUT)
 
     # -- fan-out ----------------------------------------------------------------------
-    def deliver(self, room: str, frame: bytes, msg_id: str | None = None) -> int:
-        """Offer one encoded frame to every local member of ``room``; returns how many took it.
+    def deliver(self, room: str, frame: bytes) -> int:
+        """Offer one encoded frame (live only: presence, typing, ephemeral messages) to every
+        local member of ``room``; returns how many took it.
 
         The WebSocket frame is built here, once, and written as is to every member's socket.
         """
@@ -154,54 +204,61 @@ class Hub:
         wire = text_frame(frame)
         n = 0
         for conn in tuple(members):
-            if conn.replaying:
-                held = conn.replaying.get(room)
-                if held is not None and msg_id is not None:
-                    if len(held) < self.replay_buffer:
-                        held.append((msg_id, frame))
-                    else:
-                        metrics.DROPPED.labels("replay_buffer").inc()
-                    continue
-            n += conn.offer(frame, msg_id, wire)
+            n += conn.offer(frame, None, wire)
         metrics.DELIVERED.inc(n)
         return n
 
-    def remember(self, msg_id: str) -> None:
-        """Mark ``msg_id`` as delivered (e.g. replayed) so a late live copy is dropped."""
-        self._recent.seen(msg_id)
-
-    def deliver_message(self, msg: ChatMessage) -> int:
-        """Fan out a chat message once per id (a retried publish is suppressed)."""
-        if self._recent.seen(msg.id):
-            metrics.DUPLICATES.inc()
-            return 0
-        return self.deliver(msg.room, encode_frame("chat.message", msg), msg.id)
-
-    async def on_user_message(self, msg: Msg) -> None:
-        """Callback of ``user.*.message``: to every local connection of the sender and recipient."""
-        metrics.BUS_IN.labels("user_message").inc()
-        to = subjects.parse_user_message(msg.subject)
-        if to is None:
-            metrics.BUS_MALFORMED.labels("user_message").inc()
+    def _deliver_stored(self, feed: Feed, seq: int, prev: int, frame: bytes) -> None:
+        """A feed's next message to its local members: held for those still catching up,
+        skipped for those whose replay already went past it."""
+        key = feed.subject
+        members = self.rooms.get(feed.name) if key[0] == "h" else self.users.get(feed.name)
+        if not members:
             return
-        try:
-            dm = parse_bus_direct(msg.data, to)
-        except ValueError as exc:
-            metrics.BUS_MALFORMED.labels("user_message").inc()
-            self._badlog.warning(
-                "bad_direct",
-                "dropped malformed direct message",
-                subject=msg.subject,
-                error=str(exc),
-            )
-            return
-        targets = self.users.get(dm.to, set()) | self.users.get(dm.sender, set())
-        if not targets or self._recent.seen(dm.id):
-            return
-        frame = encode_frame("dm", dm.wire())
         wire = text_frame(frame)
-        n = sum(conn.offer(frame, dm.id, wire) for conn in targets)
+        n = 0
+        for conn in tuple(members):
+            if conn.catching:
+                catch = conn.catching.get(key)
+                if catch is not None:
+                    catch.add(seq, prev, frame)
+                    continue
+            if conn.floor:
+                floor = conn.floor.get(key)
+                if floor is not None:
+                    if seq <= floor:
+                        continue
+                    del conn.floor[key]
+            n += conn.offer(frame, seq, wire)
         metrics.DELIVERED.inc(n)
+
+    def _stored(self, msg: Msg, kind: str) -> None:
+        """A message republished by the stream after it was stored: to its feed, if any."""
+        key = msg.subject[len(subjects.STORED_PREFIX) + 1 :]
+        feeds = self.feeds
+        if feeds is None or key not in feeds.feeds:
+            return  # nobody here is interested: no parse, no encode
+        start = time.perf_counter()
+        headers = msg.headers or {}
+        try:
+            seq = int(headers["Nats-Sequence"])
+            prev = int(headers.get("Nats-Last-Sequence") or 0)
+        except (KeyError, ValueError):
+            metrics.BUS_MALFORMED.labels(kind).inc()
+            self._badlog.warning("bad_stored", "stored message without its sequence")
+            return
+        feeds.offer(key, seq, prev, msg.data)
+        metrics.FANOUT_SECONDS.observe(time.perf_counter() - start)
+
+    async def on_stored_room(self, msg: Msg) -> None:
+        """Callback of ``stored.history.*``: stored room messages, in stream order."""
+        metrics.BUS_IN_ROOM_MESSAGE.inc()
+        self._stored(msg, "room_message")
+
+    async def on_stored_inbox(self, msg: Msg) -> None:
+        """Callback of ``stored.inbox.*``: stored direct-message copies of local users."""
+        metrics.BUS_IN.labels("user_message").inc()
+        self._stored(msg, "user_message")
 
     async def on_event(self, msg: Msg) -> None:
         """Callback of ``event.>``: to the local connections subscribed to that event type."""
@@ -257,17 +314,12 @@ class Hub:
             frame = encode_frame("presence", data)
         self.deliver(room, frame)
 
-    async def on_room_message(self, msg: Msg) -> None:
-        """Callback of the ``room.*.message`` wildcard subscription."""
-        metrics.BUS_IN_ROOM_MESSAGE.inc()
+    async def on_ephemeral(self, msg: Msg) -> None:
+        """Callback of one ephemeral room's ``room.<room>.message``: live, never stored."""
+        metrics.BUS_IN.labels("ephemeral").inc()
         room = subjects.parse_room_message(msg.subject)
-        if room is None:
-            metrics.BUS_MALFORMED.labels("room_message").inc()
-            self._badlog.warning("bad_subject", "dropped bus message", subject=msg.subject[:200])
+        if room is None or room not in self.rooms:
             return
-        if room not in self.rooms:
-            return  # nobody here is interested: no parse, no encode
-        start = time.perf_counter()
         try:
             chat = parse_bus_chat(msg.data, room)
         except ValueError as exc:
@@ -276,5 +328,13 @@ class Hub:
                 "bad_payload", "dropped malformed bus message", subject=msg.subject, error=str(exc)
             )
             return
-        self.deliver_message(chat)
-        metrics.FANOUT_SECONDS.observe(time.perf_counter() - start)
+        self.deliver(
+            room, encode_frame("chat.message", chat.model_dump(mode="json", exclude_none=True))
+        )
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:  # the connection is gone: so is the subscription
+        pass

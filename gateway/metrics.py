@@ -19,13 +19,6 @@ BUS_IN = Counter("roombus_gateway_bus_messages_total", "Bus messages received", 
 BUS_MALFORMED = Counter(
     "roombus_gateway_bus_malformed_total", "Bus payloads dropped as malformed", ["kind"]
 )
-CLIENT_ID_REUSED = Counter(
-    "roombus_gateway_client_id_reused_total", "Sends whose client_id mapped to an earlier id"
-)
-CLIENT_ID_UNAVAILABLE = Counter(
-    "roombus_gateway_client_id_unavailable_total",
-    "Sends that went on with a fresh id because the client_ids bucket did not answer",
-)
 NOT_STORED = Counter("roombus_gateway_not_stored_total", "Messages never acked by storage")
 ACK_SECONDS = Histogram(
     "roombus_gateway_ack_seconds",
@@ -33,7 +26,19 @@ ACK_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 REPLAYED = Counter("roombus_gateway_replayed_total", "Stored messages replayed on join")
-DUPLICATES = Counter("roombus_gateway_duplicates_total", "Bus messages suppressed as duplicates")
+DUPLICATES = Counter(
+    "roombus_gateway_duplicates_total", "Republished messages already delivered by a heal"
+)
+GAPS = Counter("roombus_gateway_gaps_total", "Gaps in a room's or inbox's sequence (prev mismatch)")
+HEALED = Counter("roombus_gateway_healed_total", "Stored messages read from the stream to heal")
+HEAL_SECONDS = Histogram(
+    "roombus_gateway_heal_seconds",
+    "Time for a feed to catch up with the stream (start, gap or reconnect)",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30),
+)
+NOT_RECOVERED = Counter(
+    "roombus_gateway_not_recovered_total", "Joins with since answered recovered=false", ["reason"]
+)
 DELIVERED = Counter("roombus_gateway_delivered_total", "Frames queued to clients by fan-out")
 DROPPED = Counter("roombus_gateway_dropped_total", "Frames dropped for one client", ["reason"])
 SLOW_DISCONNECTS = Counter(

@@ -1,24 +1,19 @@
-"""Publishing client messages: one id per client_id, storage acks, retries with the same id."""
+"""Publishing client messages: an idempotency key per send, storage acks, retries with it."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 
-import orjson
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
-from proto import subjects
-from proto.bus import ChatMessage, DirectMessage
-from proto.ids import is_id, new_id
+from proto.errors import ErrorCode
 from proto.svc import StoreAck
 from services.bus import Bus
-from services.jetstream import ensure_kv
 
 from . import metrics
 from .settings import GatewaySettings
@@ -26,92 +21,50 @@ from .settings import GatewaySettings
 log = logging.getLogger("roombus.gateway.publisher")
 
 RETRY_DELAY_MAX = 5.0
+NO_RESPONDERS_GRACE = 1.0
+"""Seconds a send waits for a history replica to appear (a restart) before ``unavailable``."""
+
+
+class NotStored(Exception):
+    """A send that could not be confirmed stored; ``code`` is what the sender is told."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def idempotency_key(user: str, subject: str, client_id: str | None) -> str:
+    """The ``Nats-Msg-Id`` of a send: derived from (user, target, client_id), so a retry through
+    any gateway is the same key; random without a client_id (only this gateway retries it)."""
+    if client_id is None:
+        return "g" + secrets.token_hex(16)
+    digest = hashlib.sha256(f"{user}\x00{subject}\x00{client_id}".encode()).hexdigest()
+    return "c" + digest[:40]
 
 
 class Publisher:
-    """Puts client messages on the bus and waits for the history service to store them.
+    """Puts messages on the bus and waits for the history service to store them.
 
-    The message is published on ``room.<room>.message`` as a request: every gateway fans
-    it out, and the history replica that stored it replies after the JetStream PubAck.
-    Without a reply in time the same message (same id) is published again: gateways
-    drop the second copy, JetStream's duplicate window stores it once.
+    The message is published on ``room.<room>.message`` (``user.<id>.message``) as a request
+    with its idempotency key in ``Nats-Msg-Id``; the history replica that stored it replies
+    with the stored ``id`` and ``seq`` after the JetStream PubAck. Without a reply in time the
+    same bytes go out again: JetStream's duplicate window stores them once and the replica
+    acks the retry with the original's ``id`` and ``seq``.
     """
 
     def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
         self.bus = bus
         self.settings = settings
-        self.kv: KeyValue | None = None
 
-    async def start(self) -> None:
-        # A short per-request timeout: a lookup stuck on a dead node's connection is retried
-        # after 1 s (message_id's loop) instead of the default 5 s.
-        self.kv = await ensure_kv(
-            self.bus.nc.jetstream(timeout=1.0),
-            KeyValueConfig(
-                bucket=subjects.CLIENT_IDS_BUCKET,
-                description="client_id -> message id, so a retried send keeps its id",
-                ttl=self.settings.client_id_ttl,
-                history=1,
-                storage=StorageType.FILE,
-                replicas=self.settings.client_id_replicas,
-            ),
-            self.settings.jetstream_wait,
-        )
-
-    async def message_id(self, user: str, client_id: str | None) -> str:
-        """The id for a send: new, or the one an earlier send with this client_id got."""
-        fresh = new_id()
-        if client_id is None or self.kv is None:
-            return fresh
-        key = hashlib.sha256(f"{user}\x00{client_id}".encode()).hexdigest()[:40]
-        # The bucket can be briefly unavailable (broker restart, a cluster electing a new
-        # leader): wait it out rather than reject the send; past half the ack deadline, go
-        # on with a fresh id (the send works, only a resend elsewhere could then double it).
-        deadline = time.monotonic() + self.settings.ack_deadline / 2
-        delay = 0.05
-        while True:
-            try:
-                return await self._claim(key, fresh)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if time.monotonic() >= deadline:
-                    metrics.CLIENT_ID_UNAVAILABLE.inc()
-                    log.warning("client_id bucket unavailable", extra={"error": repr(exc)[:200]})
-                    return fresh
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _claim(self, key: str, fresh: str) -> str:
-        assert self.kv is not None
-        try:
-            await self.kv.create(key, fresh.encode())
-            return fresh
-        except KeyWrongLastSequenceError:
-            entry = await self.kv.get(key)
-            earlier = (entry.value or b"").decode()
-            if is_id(earlier):
-                metrics.CLIENT_ID_REUSED.inc()
-                return earlier
-            return fresh
-
-    async def publish(self, msg: ChatMessage | DirectMessage) -> bool:
-        """Publish ``msg``; True once stored (always True with ``store_acks`` off)."""
-        if isinstance(msg, ChatMessage):
-            payload = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-            subject = subjects.room_message(msg.room)
-        else:
-            payload = orjson.dumps(msg.wire())
-            subject = subjects.user_message(msg.to)
-        headers = {"Nats-Msg-Id": msg.id}
+    async def store(self, subject: str, payload: bytes, key: str) -> StoreAck:
+        """Publish and wait for the storage ack; raises :class:`NotStored`."""
         nc = self.bus.nc
-        if not self.settings.store_acks:
-            await nc.publish(subject, payload, headers=headers)
-            metrics.PUBLISHED_CHAT.inc()
-            return True
+        headers = {"Nats-Msg-Id": key}
         deadline = time.monotonic() + self.settings.ack_deadline
         delay = self.settings.ack_timeout
         attempt = 0
+        nobody_since: float | None = None
         while True:
             attempt += 1
             (metrics.PUBLISHED_CHAT if attempt == 1 else metrics.PUBLISHED.labels("retry")).inc()
@@ -119,21 +72,33 @@ class Publisher:
             try:
                 reply = await nc.request(subject, payload, timeout=delay, headers=headers)
                 ack = StoreAck.model_validate_json(reply.data)
-                if ack.id == msg.id:
-                    metrics.ACK_SECONDS.observe(time.monotonic() - started)
-                    return True
+                metrics.ACK_SECONDS.observe(time.monotonic() - started)
+                return ack
             except (ValidationError, ValueError):
-                log.warning("unexpected storage ack", extra={"id": msg.id})
+                log.warning("unexpected storage ack", extra={"key": key})
             except asyncio.CancelledError:
                 raise
+            except NoRespondersError:
+                # Nobody stores room messages right now: say so at once (within a second,
+                # in case a replica is just restarting), not after the whole retry ladder.
+                now = time.monotonic()
+                nobody_since = nobody_since or now
+                if now - nobody_since >= NO_RESPONDERS_GRACE:
+                    metrics.NOT_STORED.inc()
+                    raise NotStored(
+                        ErrorCode.UNAVAILABLE, "no history service is running: not stored"
+                    ) from None
+                await asyncio.sleep(0.2)
+                continue
             except Exception as exc:
-                # Timeout, or the connection is down and reconnecting: the same id goes
+                # Timeout, or the connection is down and reconnecting: the same key goes
                 # out again; a timeout does not mean "not stored", so nothing is doubled.
                 waited = time.monotonic() - started
                 if waited < delay:
                     await asyncio.sleep(delay - waited)
-                log.debug("storage ack missing", extra={"id": msg.id, "error": repr(exc)})
+                log.debug("storage ack missing", extra={"key": key, "error": repr(exc)})
+            nobody_since = None
             if time.monotonic() >= deadline:
                 metrics.NOT_STORED.inc()
-                return False
+                raise NotStored(ErrorCode.NOT_STORED, "the message was not confirmed stored")
             delay = min(delay * 2, RETRY_DELAY_MAX, max(0.05, deadline - time.monotonic()))

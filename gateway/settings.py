@@ -71,22 +71,18 @@ class GatewaySettings(ServiceSettings):
     """Seconds a client's buffer may stay full before it is disconnected (close 4008)."""
     request_timeout: float = Field(default=2.0, gt=0, le=60)
     """Seconds to wait for the history/presence services to answer a query."""
-    store_acks: bool = True
-    """Publish chat messages as requests and ``ack`` them once the history service stored them;
-    retry unacked sends with the same id. Turn off only when no history service runs."""
     ack_timeout: float = Field(default=1.0, gt=0, le=60)
     """Seconds to wait for the first storage ack before retrying (doubles per retry, max 5 s)."""
     ack_deadline: float = Field(default=30.0, gt=0, le=3600)
     """Seconds after which an unacked message is reported ``not_stored`` to its sender."""
     max_inflight: int = Field(default=64, ge=1, le=10_000)
     """Unacked messages per connection; beyond it the gateway stops reading that socket."""
-    client_id_ttl: float = Field(default=3600, gt=0)
-    """Seconds a ``client_id`` keeps mapping to the same message id (retries across gateways)."""
-    client_id_replicas: int = Field(default=1, ge=1, le=5)
-    """JetStream replicas of the ``client_ids`` bucket: 1 on a single server, 3 on a cluster
-    (while it is unavailable, sends wait up to half of ``ACK_DEADLINE``, then get a fresh id)."""
     replay_buffer: int = Field(default=10_000, ge=100)
-    """Live messages held per joining client while its ``since`` replay is read."""
+    """Live messages held per joining client (and per healing room) while stored ones are read;
+    past it they are read from the stream again instead (never dropped)."""
+    replay_max: int = Field(default=5_000, ge=0, le=1_000_000)
+    """Most messages a ``join`` with ``since`` replays; more missed is answered
+    ``recovered: false`` (reason ``too_many``, with the count)."""
     presence_ttl: float = Field(default=15.0, ge=1, le=3600)
     """Seconds a gateway's presence keys live without a refresh: a dead gateway's users leave
     their rooms within about this time (refreshed every third of it)."""
@@ -94,8 +90,6 @@ class GatewaySettings(ServiceSettings):
     """JetStream replicas of the presence bucket (must match the presence service's)."""
     typing_interval: float = Field(default=1.0, ge=0.1, le=60)
     """Seconds between two ``typing`` signals a connection may send for one room."""
-    dedupe_window: int = Field(default=65_536, ge=1024, le=10_000_000)
-    """Recent message ids remembered to suppress a retried message's second fan-out."""
 
     @model_validator(mode="after")
     def _auth_keys(self) -> GatewaySettings:

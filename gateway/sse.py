@@ -8,19 +8,20 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from litestar import Request, Response, get
 from litestar.handlers import HTTPRouteHandler
 from litestar.response import Stream
 
 from proto.errors import CloseCode, ErrorCode
-from proto.frames import FrameError
-from proto.ids import is_id
+from proto.frames import SEQ_MAX, FrameError, encode_frame
 from proto.names import InvalidNameError, check_event_type, check_name
 
 from . import metrics
 from .auth import AuthError, Identity
 from .conn import Conn
 from .handlers import Session
+from .recovery import join_stored, replay
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -29,17 +30,29 @@ KEEPALIVE = 15.0
 
 
 class SseConn(Conn):
-    """A connection whose frames become SSE events (``id:`` = message id when stored).
+    """A connection whose frames become SSE events; a stored message's ``id:`` is the stream
+    position: its ``seq`` with one room, ``room:seq,room:seq`` with several (each room's
+    last delivered ``seq``), so ``Last-Event-ID`` resumes every room exactly.
 
     The same bounded buffer and slow-client policy as WebSocket; the response body
     generator is the writer.
     """
 
-    __slots__ = ()
+    __slots__ = ("positions",)
+    positions: dict[str, int]
 
-    def offer(self, frame: bytes, msg_id: str | None = None, wire: bytes | None = None) -> bool:
-        head = b"id: " + msg_id.encode() + b"\ndata: " if msg_id else b"data: "
-        return super().offer(head + frame + b"\n\n")
+    def offer(self, frame: bytes, cursor: int | None = None, wire: bytes | None = None) -> bool:
+        if cursor is None or not frame.startswith(b'{"type":"chat.message"'):
+            return super().offer(b"data: " + frame + b"\n\n")  # live only, or a DM
+        positions = self.positions
+        if len(positions) <= 1:
+            event_id = str(cursor)
+        else:
+            room = _room_of(frame)
+            if room in positions:
+                positions[room] = cursor
+            event_id = ",".join(f"{r}:{p}" for r, p in positions.items())
+        return super().offer(b"id: " + event_id.encode() + b"\ndata: " + frame + b"\n\n")
 
     def start(self) -> None:
         """No writer task: :meth:`body` drains the buffer into the HTTP response."""
@@ -63,6 +76,29 @@ class SseConn(Conn):
             buf.clear()
             self.made_room()
             yield chunk
+
+
+def _room_of(frame: bytes) -> str:
+    """The ``room`` of an encoded ``chat.message`` frame (only ever called for those)."""
+    data = orjson.loads(frame).get("data") or {}
+    return str(data.get("room", ""))
+
+
+def parse_last_event_id(raw: str, rooms: list[str]) -> dict[str, int]:
+    """``Last-Event-ID`` as a cursor per room: ``12`` (every room) or ``a:12,b:40``.
+    Raises ValueError when it is neither."""
+    if raw.isdigit():
+        value = int(raw)
+        if value > SEQ_MAX:
+            raise ValueError("out of range")
+        return dict.fromkeys(rooms, value)
+    out: dict[str, int] = {}
+    for part in raw.split(","):
+        room, _, seq = part.partition(":")
+        if room not in rooms or not seq.isdigit() or int(seq) > SEQ_MAX:
+            raise ValueError("not room:seq")
+        out[room] = int(seq)
+    return out
 
 
 def _names(raw: str | None, check: Any) -> list[str]:
@@ -95,9 +131,13 @@ def sse_handler(gw: Gateway) -> HTTPRouteHandler:
         forbidden = [r for r in rooms if not identity.may_use(r)]
         if forbidden:
             return _refuse(403, ErrorCode.FORBIDDEN.value, f"room {forbidden[0]!r} is not yours")
-        last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        if last and not is_id(last):
-            return _refuse(400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a message id")
+        raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        try:
+            last = parse_last_event_id(raw_last, rooms) if raw_last else {}
+        except ValueError:
+            return _refuse(
+                400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a seq or room:seq list"
+            )
         client = request.scope.get("client")
         ip = str(client[0]) if client else "unknown"
         if (
@@ -109,6 +149,7 @@ def sse_handler(gw: Gateway) -> HTTPRouteHandler:
         conn = SseConn(
             _no_send, identity.user, identity.verified, s.send_queue, s.slow_client_timeout
         )
+        conn.positions = dict.fromkeys(rooms, 0)
         conn.start()
         return Stream(
             _stream(gw, conn, identity, rooms, events, last, ip),
@@ -143,7 +184,7 @@ async def _stream(
     identity: Identity,
     rooms: list[str],
     events: list[str],
-    last: str | None,
+    last: dict[str, int],
     ip: str,
 ) -> AsyncIterator[bytes]:
     hub = gw.hub
@@ -158,15 +199,10 @@ async def _stream(
     try:
         for event in events:
             hub.subscribe(conn, event)
-        for room in rooms:
-            if last:
-                conn.replaying[room] = []
-            hub.join(conn, room)
-        replay = asyncio.create_task(_replay(session, rooms, last)) if last else None
+        joins = asyncio.create_task(_join_all(gw, session, rooms, last))
         async for chunk in conn.body():
             yield chunk
-        if replay is not None:
-            replay.cancel()
+        joins.cancel()
     finally:
         if expiry is not None:
             expiry.cancel()
@@ -179,17 +215,22 @@ async def _stream(
             gw.per_ip.pop(ip, None)
 
 
-async def _replay(session: Session, rooms: list[str], last: str) -> None:
-    """Every stored message after ``last`` in each room, then the live ones held meanwhile."""
+async def _join_all(gw: Gateway, session: Session, rooms: list[str], last: dict[str, int]) -> None:
+    """Join each room (``joined`` frames as events), replaying from ``Last-Event-ID``."""
     conn = session.conn
+    assert isinstance(conn, SseConn)
     for room in rooms:
-        replayed: set[str] = set()
+        if gw.settings.is_ephemeral(room):
+            gw.hub.join(conn, room)
+            await gw.hub.subscribe_ephemeral(gw.bus.nc, room)
+            conn.offer(encode_frame("joined", {"room": room, "ephemeral": True}))
+            continue
         try:
-            await session.replay(room, last, replayed)
+            fields = await join_stored(gw, conn, room, last.get(room), None)
         except FrameError as exc:
             session.error(exc.code, exc.message, room=room)
-        finally:
-            held = conn.replaying.pop(room, [])
-            for msg_id, frame in held:
-                if msg_id not in replayed:
-                    conn.offer(frame, msg_id)
+            continue
+        conn.positions[room] = int(str(fields["seq"]))
+        conn.offer(encode_frame("joined", {"room": room, "user": conn.user, **fields}))
+        if fields.get("recovered"):
+            await replay(gw, conn, room, int(str(fields["seq"])))

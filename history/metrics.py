@@ -16,3 +16,6 @@ QUERY_SECONDS = Histogram(
     "time to answer one history query",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+EPHEMERAL = Counter(
+    "roombus_history_ephemeral_total", "messages of ephemeral rooms seen and not stored"
+)

@@ -1,4 +1,5 @@
-"""The history service: store every room message once, answer history queries."""
+"""The history service: store every message once (the stream's order is the order), answer
+history queries by sequence."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -15,11 +16,12 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from proto import subjects
-from proto.bus import ChatMessage, DirectMessage, parse_bus_chat, parse_bus_direct
+from proto.bus import ChatMessage, DirectMessage, parse_bus_direct, stamp_bus_chat
 from proto.errors import ErrorCode
-from proto.svc import HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
+from proto.svc import PAGE_BYTES_MAX, HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
 from services.bus import Bus, connect
 from services.logs import RateLimitedLog
+from services.streamread import Stored, StreamReader
 
 from . import metrics
 from .settings import HistorySettings
@@ -27,15 +29,32 @@ from .store import Store
 
 log = logging.getLogger("roombus.history")
 
+Copy = tuple[str, str | None, bytes]
+"""(stream subject, Nats-Msg-Id or None, payload) of one stored copy."""
+
+
+def with_cursors(raw: list[Stored], first_prev: int) -> list[tuple[int, int, bytes]]:
+    """(seq, prev, payload) of messages read in order; ``prev`` links each to the one before."""
+    out: list[tuple[int, int, bytes]] = []
+    prev = first_prev
+    for s in raw:
+        out.append((s.seq, prev, s.data))
+        prev = s.seq
+    return out
+
 
 class HistoryService:
-    """Queue-group member ``history`` on ``room.*.message`` and ``svc.history.*``."""
+    """Queue-group member ``history`` on ``room.*.message``, ``user.*.message`` and the query
+    subjects ``svc.history.*`` / ``svc.inbox.*``."""
 
     def __init__(self, settings: HistorySettings) -> None:
         self.settings = settings
         self._bus: Bus | None = None
         self.store: Store | None = None
+        self.reader: StreamReader | None = None
         self._slots = asyncio.Semaphore(settings.history_inflight)
+        self._query_slots = asyncio.Semaphore(settings.history_query_concurrency)
+        self._query_waiting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._badlog = RateLimitedLog(log)
         self.accepting = True
@@ -51,25 +70,28 @@ class HistoryService:
         store = Store(bus.js, self.settings)
         await store.provision()
         self.store = store
+        self.reader = StreamReader(bus.nc, subjects.HISTORY_STREAM)
+        await self.reader.start()
+        for subject, cb in (
+            (subjects.ROOM_MESSAGE_WILDCARD, self.on_message),
+            (subjects.USER_MESSAGE_WILDCARD, self.on_direct),
+        ):
+            await bus.nc.subscribe(
+                subject,
+                subjects.HISTORY_QUEUE,
+                cb=cb,
+                pending_msgs_limit=200_000,
+                pending_bytes_limit=256 * 1024 * 1024,
+            )
         await bus.nc.subscribe(
-            subjects.ROOM_MESSAGE_WILDCARD,
-            queue=subjects.HISTORY_QUEUE,
-            cb=self.on_message,
-            pending_msgs_limit=200_000,
-            pending_bytes_limit=256 * 1024 * 1024,
+            subjects.SVC_HISTORY_WILDCARD,
+            subjects.HISTORY_QUEUE,
+            cb=self._query(self.answer_room),
         )
         await bus.nc.subscribe(
-            subjects.USER_MESSAGE_WILDCARD,
-            queue=subjects.HISTORY_QUEUE,
-            cb=self.on_direct,
-            pending_msgs_limit=200_000,
-            pending_bytes_limit=256 * 1024 * 1024,
-        )
-        await bus.nc.subscribe(
-            subjects.SVC_HISTORY_WILDCARD, queue=subjects.HISTORY_QUEUE, cb=self.on_query
-        )
-        await bus.nc.subscribe(
-            subjects.SVC_INBOX_WILDCARD, queue=subjects.HISTORY_QUEUE, cb=self.on_inbox_query
+            subjects.SVC_INBOX_WILDCARD,
+            subjects.HISTORY_QUEUE,
+            cb=self._query(self.answer_inbox),
         )
         await bus.nc.flush()
         log.info("history ready", extra={"replicas": self.settings.history_replicas})
@@ -84,25 +106,30 @@ class HistoryService:
             log.info("history stopped")
 
     # -- intake -----------------------------------------------------------------------
+    def _malformed(self, kind: str, subject: str, exc: Exception) -> None:
+        metrics.MALFORMED.inc()
+        self._badlog.warning(kind, "dropped malformed bus message", subject=subject, error=str(exc))
+
     async def on_message(self, msg: Msg) -> None:
         metrics.RECEIVED.inc()
         room = subjects.parse_room_message(msg.subject)
+        if room is not None and self.settings.is_ephemeral(room):
+            metrics.EPHEMERAL.inc()  # never stored: the gateways fan it out themselves
+            return
         try:
             if room is None:
                 raise ValueError("not a room.<room>.message subject")
-            chat = parse_bus_chat(msg.data, room)
+            chat = stamp_bus_chat(msg.data, room)
         except ValueError as exc:
-            metrics.MALFORMED.inc()
-            self._badlog.warning(
-                "bad_payload", "dropped malformed bus message", subject=msg.subject, error=str(exc)
-            )
+            self._malformed("bad_payload", msg.subject, exc)
             return
-        # The stored form is canonical: id/ts filled in, unknown fields dropped.
+        # The stored form is canonical: id/ts made here, unknown fields dropped.
         payload = orjson.dumps(chat.model_dump(mode="json", exclude_none=True))
-        await self._spawn_store(chat.id, [(subjects.history(room), chat.id, payload)], msg.reply)
+        key = (msg.headers or {}).get("Nats-Msg-Id") or None
+        await self._spawn_store(chat.id, [(subjects.history(room), key, payload)], msg.reply)
 
     async def on_direct(self, msg: Msg) -> None:
-        """A direct message: one stored copy in the inbox of each party."""
+        """A direct message: one stored copy in the inbox of each party, the sender's first."""
         metrics.RECEIVED.inc()
         to = subjects.parse_user_message(msg.subject)
         try:
@@ -110,29 +137,25 @@ class HistoryService:
                 raise ValueError("not a user.<id>.message subject")
             dm = parse_bus_direct(msg.data, to)
         except ValueError as exc:
-            metrics.MALFORMED.inc()
-            self._badlog.warning(
-                "bad_direct",
-                "dropped malformed direct message",
-                subject=msg.subject,
-                error=str(exc),
-            )
+            self._malformed("bad_direct", msg.subject, exc)
             return
         payload = orjson.dumps(dm.wire())
-        parties = {dm.to} | ({dm.sender} if dm.sender != "system" else set())
-        copies = [(subjects.inbox(u), f"{dm.id}:{u}", payload) for u in sorted(parties)]
+        key = (msg.headers or {}).get("Nats-Msg-Id") or None
+        parties = [dm.sender] if dm.sender != "system" else []
+        parties += [dm.to] if dm.to not in parties else []
+        copies: list[Copy] = [
+            (subjects.inbox(u), f"{key}:{u}" if key else None, payload) for u in parties
+        ]
         await self._spawn_store(dm.id, copies, msg.reply)
 
-    async def _spawn_store(
-        self, msg_id: str, copies: list[tuple[str, str, bytes]], reply: str
-    ) -> None:
+    async def _spawn_store(self, msg_id: str, copies: list[Copy], reply: str) -> None:
         await self._slots.acquire()  # backpressure: the subscription's pending queue absorbs
         metrics.INFLIGHT.inc()
         task = asyncio.create_task(self._store(msg_id, copies, reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _store(self, msg_id: str, copies: list[tuple[str, str, bytes]], reply: str) -> None:
+    async def _store(self, msg_id: str, copies: list[Copy], reply: str) -> None:
         assert self.store is not None and self._bus is not None
         store = self.store
         try:
@@ -141,8 +164,10 @@ class HistoryService:
             else:
                 results = await asyncio.gather(*(store.append(s, i, p) for s, i, p in copies))
             seq, duplicate = results[0][0], all(d for _, d in results)
+            if duplicate:
+                msg_id = await self._original_id(seq) or msg_id
         except Exception as exc:
-            # No ack goes back: the sender retries with the same id, and JetStream's
+            # No ack goes back: the sender retries with the same Nats-Msg-Id, and JetStream's
             # duplicate window makes that retry safe even if this store did land.
             metrics.STORE_FAILED.inc()
             self._badlog.warning("store_failed", "store failed", id=msg_id, error=repr(exc)[:200])
@@ -156,80 +181,118 @@ class HistoryService:
             with contextlib.suppress(Exception):
                 await self._bus.nc.publish(reply, orjson.dumps(ack.model_dump()))
 
-    # -- queries ----------------------------------------------------------------------
-    async def on_query(self, msg: Msg) -> None:
-        if not msg.reply:
-            return
-        start = time.perf_counter()
-        kind = "invalid"
+    async def _original_id(self, seq: int) -> str | None:
+        """The id of the message stored at ``seq`` (a retry is acked with the original's id)."""
+        assert self.reader is not None
+        found = await self.reader.first_from(">", seq)
+        if found is None or found.seq != seq:
+            return None
         try:
-            room = subjects.parse_svc_history(msg.subject)
-            query = HistoryQuery.model_validate_json(msg.data)
-            if room is None or query.room != room:
-                raise ValueError("subject room and query room differ")
-            kind = "after" if query.after else "before"
-            body = await self.answer_room(query)
-            result = "ok"
+            value = orjson.loads(found.data).get("id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    # -- queries ----------------------------------------------------------------------
+    def _query(
+        self, answer: Callable[[str, bytes], Awaitable[dict[str, Any]]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """A query callback: each query in a task of its own, at most
+        ``history_query_concurrency`` at once, dropped once its requester gave up."""
+
+        async def on_query(msg: Msg) -> None:
+            if not msg.reply:
+                return
+            if self._query_waiting >= self.settings.history_query_backlog:
+                metrics.QUERIES.labels("any", "overloaded").inc()
+                body = service_error(ErrorCode.UNAVAILABLE, "history is overloaded, retry")
+                with contextlib.suppress(Exception):
+                    await msg.respond(orjson.dumps(body))
+                return
+            self._query_waiting += 1
+            task = asyncio.create_task(self._run_query(answer, msg, time.monotonic()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return on_query
+
+    async def _run_query(
+        self, answer: Callable[[str, bytes], Awaitable[dict[str, Any]]], msg: Msg, since: float
+    ) -> None:
+        try:
+            left = self.settings.history_query_deadline - (time.monotonic() - since)
+            async with asyncio.timeout(max(0.0, left)):
+                await self._query_slots.acquire()
+        except TimeoutError:
+            metrics.QUERIES.labels("any", "abandoned").inc()
+            return  # the requester gave up waiting: reading it now would help nobody
+        finally:
+            self._query_waiting -= 1
+        start = time.perf_counter()
+        try:
+            body = await answer(msg.subject, msg.data)
         except (ValidationError, ValueError) as exc:
+            metrics.QUERIES.labels("any", "invalid").inc()
             body = service_error(ErrorCode.INVALID, str(exc).splitlines()[0][:300])
-            result = "invalid"
         except Exception as exc:
-            log.warning("history query failed", extra={"error": repr(exc)[:300]})
+            metrics.QUERIES.labels("any", "error").inc()
+            self._badlog.warning("query_failed", "history query failed", error=repr(exc)[:300])
             body = service_error(ErrorCode.UNAVAILABLE, "history could not be read")
-            result = "error"
-        metrics.QUERIES.labels(kind, result).inc()
+        finally:
+            self._query_slots.release()
         metrics.QUERY_SECONDS.observe(time.perf_counter() - start)
         with contextlib.suppress(Exception):
             await msg.respond(orjson.dumps(body))
 
-    async def answer_room(self, query: HistoryQuery) -> dict[str, Any]:
-        assert self.store is not None
-        subject = subjects.history(query.room)
-        if query.after is not None:
-            msgs, has_more, gap = await self.store.after(
-                subject, ChatMessage, query.after, query.limit
-            )
-            page = HistoryPage(room=query.room, messages=msgs, has_more=has_more, gap=gap)
-        else:
-            msgs, has_more = await self.store.before(
-                subject, ChatMessage, query.before, query.limit
-            )
-            page = HistoryPage(room=query.room, messages=msgs, has_more=has_more)
+    async def _page(
+        self, subject: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[tuple[int, int, bytes]], bool]:
+        assert self.reader is not None
+        budget = PAGE_BYTES_MAX - 4096  # room for the envelope
+        if after is not None:
+            raw, has_more = await self.reader.after(subject, after, limit, budget)
+            return with_cursors(raw, after), has_more
+        raw, prev, has_more = await self.reader.before(subject, before, limit, budget)
+        return with_cursors(raw, prev), has_more
+
+    async def answer_room(self, subject: str, data: bytes) -> dict[str, Any]:
+        room = subjects.parse_svc_history(subject)
+        query = HistoryQuery.model_validate_json(data)
+        if room is None or query.room != room:
+            raise ValueError("subject room and query room differ")
+        rows, has_more = await self._page(
+            subjects.history(room), query.before, query.after, query.limit
+        )
+        msgs = []
+        for seq, prev, payload in rows:
+            try:
+                msgs.append(
+                    ChatMessage.model_validate_json(payload).model_copy(
+                        update={"seq": seq, "prev": prev}
+                    )
+                )
+            except ValidationError:
+                metrics.MALFORMED.inc()  # written by someone else straight into the stream
+        metrics.QUERIES.labels("after" if query.after is not None else "before", "ok").inc()
+        page = HistoryPage(room=room, messages=msgs, has_more=has_more)
         return page.model_dump(mode="json", exclude_none=True)
 
-    async def on_inbox_query(self, msg: Msg) -> None:
+    async def answer_inbox(self, subject: str, data: bytes) -> dict[str, Any]:
         """``svc.inbox.<user>``: the gateway asks on behalf of its authenticated user only."""
-        if not msg.reply:
-            return
-        assert self.store is not None
-        try:
-            user = subjects.parse_svc_inbox(msg.subject)
-            query = InboxQuery.model_validate_json(msg.data)
-            if user is None or query.user != user:
-                raise ValueError("subject user and query user differ")
-            subject = subjects.inbox(user)
-            gap = False
-            if query.after is not None:
-                dms, has_more, gap = await self.store.after(
-                    subject, DirectMessage, query.after, query.limit
-                )
-            else:
-                dms, has_more = await self.store.before(
-                    subject, DirectMessage, query.before, query.limit
-                )
-            body: dict[str, Any] = {
-                "user": user,
-                "messages": [d.wire() for d in dms],
-                "has_more": has_more,
-                "gap": gap,
-            }
-            metrics.QUERIES.labels("inbox", "ok").inc()
-        except (ValidationError, ValueError) as exc:
-            body = service_error(ErrorCode.INVALID, str(exc).splitlines()[0][:300])
-            metrics.QUERIES.labels("inbox", "invalid").inc()
-        except Exception as exc:
-            log.warning("inbox query failed", extra={"error": repr(exc)[:300]})
-            body = service_error(ErrorCode.UNAVAILABLE, "history could not be read")
-            metrics.QUERIES.labels("inbox", "error").inc()
-        with contextlib.suppress(Exception):
-            await msg.respond(orjson.dumps(body))
+        user = subjects.parse_svc_inbox(subject)
+        query = InboxQuery.model_validate_json(data)
+        if user is None or query.user != user:
+            raise ValueError("subject user and query user differ")
+        rows, has_more = await self._page(
+            subjects.inbox(user), query.before, query.after, query.limit
+        )
+        dms = []
+        for seq, prev, payload in rows:
+            try:
+                dm = DirectMessage.model_validate_json(payload)
+            except ValidationError:
+                metrics.MALFORMED.inc()
+                continue
+            dms.append(dm.model_copy(update={"seq": seq, "prev": prev}).wire())
+        metrics.QUERIES.labels("inbox", "ok").inc()
+        return {"user": user, "messages": dms, "has_more": has_more}

@@ -21,8 +21,17 @@ class HistorySettings(ServiceSettings):
     history_replicas: int = Field(default=1, ge=1, le=5)
     """JetStream replicas of HISTORY: 1 on a single server, 3 on a cluster."""
     history_dedupe_window: float = Field(default=600, gt=0, le=86400)
-    """Seconds JetStream remembers message ids: a retry inside it is never stored twice."""
+    """The idempotency window, in seconds: a send retried with the same ``client_id`` (same
+    user, same room or recipient, through any gateway) within it is stored once and acked with
+    the original's ``id`` and ``seq``. After it, a resend is stored again as a new message."""
     history_inflight: int = Field(default=1024, ge=1, le=100_000)
     """Stores awaiting their JetStream ack at once; beyond it intake waits (backpressure)."""
     history_store_timeout: float = Field(default=5.0, gt=0, le=60)
     """Seconds to wait for one JetStream ack before the store counts as failed."""
+    history_query_concurrency: int = Field(default=16, ge=1, le=1024)
+    """History queries one replica reads at once; more wait their turn."""
+    history_query_deadline: float = Field(default=2.0, gt=0, le=60)
+    """Seconds a query may wait for its turn; after that its requester has given up and it is
+    dropped unread (and counted)."""
+    history_query_backlog: int = Field(default=1024, ge=1, le=100_000)
+    """Queries waiting for their turn at most; beyond it a query is answered ``unavailable``."""

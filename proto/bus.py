@@ -37,13 +37,18 @@ class ChatMessage(_Payload):
     """The sender's idempotency key, echoed so the sender can match its ``ack``."""
     verified: bool = False
     """True when ``user`` comes from a verified token, false for self-chosen names."""
+    seq: int | None = Field(default=None, ge=1)
+    """Stream sequence (on the way to clients; not part of the stored payload)."""
+    prev: int | None = Field(default=None, ge=0)
+    """The previous ``seq`` in the same room (0: none), so a receiver can check for gaps."""
 
 
 class BusChatInput(_Payload):
     """What anyone may publish on ``room.<room>.message`` (``nats pub``, a backend, the bridge).
 
-    Only ``user`` and ``text`` are required; ``id`` and ``ts`` are filled in by the first
-    roombus service that sees the message, and ``room`` comes from the subject.
+    Only ``user`` and ``text`` are required; ``room`` comes from the subject. For a stored
+    room the history service makes ``id`` and ``ts`` (whatever the payload says); for an
+    ephemeral room the first gateway that sees the message fills in what is missing.
     """
 
     id: MessageId | None = None
@@ -81,6 +86,39 @@ def parse_bus_chat(data: bytes, room: str) -> ChatMessage:
         raise ValueError(_first_error(exc)) from None
 
 
+def stamp_bus_chat(data: bytes, room: str) -> ChatMessage:
+    """A ``room.<room>.message`` payload as it is stored: ``id`` and ``ts`` made here, now.
+
+    Nothing from outside chooses a stored id or timestamp (a far-future id or a 1970 ``ts``
+    would otherwise be kept). Raises ValueError for anything malformed.
+    """
+    try:
+        raw = BusChatInput.model_validate_json(data)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from None
+    if raw.room is not None and raw.room != room:
+        raise ValueError(f"payload room {raw.room!r} does not match subject room {room!r}")
+    return ChatMessage.model_construct(
+        id=new_id(),
+        room=check_name(room),
+        user=raw.user,
+        text=raw.text,
+        ts=utcnow(),
+        client_id=raw.client_id,
+        verified=raw.verified,
+        seq=None,
+        prev=None,
+    )
+
+
+def stored_chat(data: bytes) -> ChatMessage:
+    """A payload read back from the stream (``history.<room>``); raises ValueError."""
+    try:
+        return ChatMessage.model_validate_json(data)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from None
+
+
 class PresenceEvent(_Payload):
     """An event on ``room.<room>.presence``."""
 
@@ -111,6 +149,10 @@ class DirectMessage(_Payload):
     ts: datetime
     client_id: str | None = Field(default=None, max_length=CLIENT_ID_MAX)
     verified: bool = False
+    seq: int | None = Field(default=None, ge=1)
+    """Stream sequence of this copy (in the receiving user's inbox)."""
+    prev: int | None = Field(default=None, ge=0)
+    """The previous ``seq`` in the same inbox (0: none)."""
 
     def wire(self) -> dict[str, object]:
         """The JSON form (``from``, not ``sender``)."""
@@ -131,23 +173,29 @@ class BusDirectInput(_Payload):
     verified: bool = False
 
 
+def stored_direct(data: bytes) -> DirectMessage:
+    """A direct message read back from the stream (``inbox.<user>``); raises ValueError."""
+    try:
+        return DirectMessage.model_validate_json(data)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from None
+
+
 def parse_bus_direct(data: bytes, to: str) -> DirectMessage:
-    """Parse a ``user.<to>.message`` payload; raises ValueError for anything malformed."""
+    """Parse a ``user.<to>.message`` payload, stamping ``id`` and ``ts`` here (never taken from
+    outside); raises ValueError for anything malformed."""
     try:
         raw = BusDirectInput.model_validate_json(data)
     except ValidationError as exc:
         raise ValueError(_first_error(exc)) from None
     if raw.to is not None and raw.to != to:
         raise ValueError(f"payload to {raw.to!r} does not match subject user {to!r}")
-    ts = raw.ts if raw.ts is not None else utcnow()
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
     return DirectMessage(
-        id=raw.id or new_id(),
+        id=new_id(),
         sender=raw.sender,
         to=to,
         text=raw.text,
-        ts=ts.astimezone(UTC),
+        ts=utcnow(),
         client_id=raw.client_id,
         verified=raw.verified,
     )

@@ -33,9 +33,7 @@ class ErrorCode(StrEnum):
     NOT_STORED = "not_stored"
     """A message could not be confirmed stored after every retry (it may still arrive)."""
     BAD_CURSOR = "bad_cursor"
-    """``since`` / ``before`` is not a message id."""
-    HISTORY_GAP = "history_gap"
-    """Replay could not cover everything since ``since`` (retention expired it)."""
+    """``since`` / ``before`` / ``after`` is not a stream sequence of that room or inbox."""
     INTERNAL = "internal"
     """An unexpected server fault; the frame was not processed."""
 

@@ -9,11 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .bus import CLIENT_ID_MAX, TEXT_MAX
 from .errors import ErrorCode
-from .ids import MessageId
 from .names import EventType, InvalidNameError, RoomName, UserId
 
 HISTORY_LIMIT_MAX = 100
 EVENTS_PER_FRAME_MAX = 32
+SEQ_MAX = 2**53 - 1
+"""Largest cursor accepted: stream sequences are exact JSON numbers in every client."""
+EPOCH_MAX = 40
+
+Cursor = Annotated[int, Field(ge=0, le=SEQ_MAX, strict=True)]
+"""A stream sequence (``seq``) used as a cursor; 0 means "before the first message"."""
 
 
 class _Data(BaseModel):
@@ -22,8 +27,10 @@ class _Data(BaseModel):
 
 class JoinData(_Data):
     room: RoomName
-    since: MessageId | None = None
-    """Id of the last message the client saw: replay everything stored after it."""
+    since: Cursor | None = None
+    """``seq`` of the last message the client saw in this room: replay everything after it."""
+    epoch: str | None = Field(default=None, min_length=1, max_length=EPOCH_MAX)
+    """The ``epoch`` that ``since`` belongs to (from ``joined``); another epoch is not recovered."""
 
 
 class RoomData(_Data):
@@ -40,7 +47,8 @@ class ChatData(_Data):
 
 class HistoryData(_Data):
     room: RoomName
-    before: MessageId | None = None
+    before: Cursor | None = None
+    """Page back: the messages just older than this ``seq`` (the newest page without it)."""
     limit: int = Field(default=50, ge=1, le=HISTORY_LIMIT_MAX)
 
 
@@ -51,8 +59,8 @@ class DmData(_Data):
 
 
 class DmHistoryData(_Data):
-    before: MessageId | None = None
-    after: MessageId | None = None
+    before: Cursor | None = None
+    after: Cursor | None = None
     limit: int = Field(default=50, ge=1, le=HISTORY_LIMIT_MAX)
 
 
@@ -183,8 +191,10 @@ def _frame_error(exc: ValidationError, kind: str) -> FrameError:
         return FrameError(ErrorCode.BAD_NAME, str(cause), kind)
     if loc.endswith("text") and err["type"] == "string_too_long":
         return FrameError(ErrorCode.TEXT_TOO_LONG, f"text is longer than {TEXT_MAX}", kind)
-    if loc.endswith(("since", "before")) and err["type"] == "value_error":
-        return FrameError(ErrorCode.BAD_CURSOR, f"{loc}: not a message id", kind)
+    if loc.endswith(("since", "before", "after")):
+        return FrameError(
+            ErrorCode.BAD_CURSOR, f"{loc}: not a stream sequence (0 to {SEQ_MAX})", kind
+        )
     return FrameError(ErrorCode.INVALID, f"{loc}: {err['msg']}", kind)
 
 

@@ -14,6 +14,14 @@ HISTORY_WILDCARD = "history.>"
 SVC_HISTORY_WILDCARD = "svc.history.*"
 SVC_PRESENCE_WILDCARD = "svc.presence.*"
 PRESENCE_REPORT_WILDCARD = "svc.presence-report.*"
+STORED_PREFIX = "stored"
+STORED_ROOM_WILDCARD = "stored.history.*"
+"""Every stored room message, republished by the HISTORY stream after it is stored."""
+STORED_INBOX_WILDCARD = "stored.inbox.*"
+"""Every stored direct-message copy, republished by the HISTORY stream."""
+REPUBLISH_SOURCE = ">"
+REPUBLISH_DEST = "stored.>"
+DIRECT_GET_PREFIX = "$JS.API.DIRECT.GET."
 
 HISTORY_QUEUE = "history"
 PRESENCE_QUEUE = "presence"
@@ -48,6 +56,32 @@ def event(event_type: str) -> str:
 def history(room: str) -> str:
     """``history.<room>``: the JetStream subject a room's messages are stored on."""
     return f"history.{check_name(room, 'room')}"
+
+
+def stored_room(room: str) -> str:
+    """``stored.history.<room>``: a room's messages as the stream republishes them, in order."""
+    return f"{STORED_PREFIX}.{history(room)}"
+
+
+def stored_inbox(user: str) -> str:
+    """``stored.inbox.<user>``: a user's direct messages as the stream republishes them."""
+    return f"{STORED_PREFIX}.{inbox(user)}"
+
+
+def parse_stored_room(subject: str) -> str | None:
+    """The room of a ``stored.history.<room>`` subject, or None."""
+    return _token(subject, "stored.history.", "")
+
+
+def parse_stored_inbox(subject: str) -> str | None:
+    """The user of a ``stored.inbox.<user>`` subject, or None."""
+    return _token(subject, "stored.inbox.", "")
+
+
+def direct_get(stream: str, last_by_subject: str | None = None) -> str:
+    """The JetStream direct-get API subject of ``stream`` (optionally last-by-subject)."""
+    base = f"{DIRECT_GET_PREFIX}{stream}"
+    return f"{base}.{last_by_subject}" if last_by_subject else base
 
 
 def svc_history(room: str) -> str:

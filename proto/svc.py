@@ -8,11 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .bus import ChatMessage
 from .errors import ErrorCode
+from .frames import Cursor
 from .ids import MessageId
 from .names import RoomName, UserId
 
 REPLAY_PAGE_MAX = 1000
-"""Largest page of a forward (``after``) replay query."""
+"""Largest page of a forward (``after``) query."""
+PAGE_BYTES_MAX = 512 * 1024
+"""Largest page in bytes: every reply fits the bus (nats-server's default max_payload is 1 MB);
+a page cut by bytes says ``has_more``."""
 
 
 class _Svc(BaseModel):
@@ -23,10 +27,10 @@ class HistoryQuery(_Svc):
     """``svc.history.<room>``: a page before ``before`` (newest first page), or after ``after``."""
 
     room: RoomName
-    before: MessageId | None = None
-    """Page backwards: the ``limit`` messages just older than this id."""
-    after: MessageId | None = None
-    """Replay forwards: up to ``limit`` messages newer than this id, oldest first."""
+    before: Cursor | None = None
+    """Page backwards: the ``limit`` messages just older than this ``seq``."""
+    after: Cursor | None = None
+    """Page forwards: up to ``limit`` messages newer than this ``seq``, oldest first."""
     limit: int = Field(default=50, ge=1, le=REPLAY_PAGE_MAX)
 
     @model_validator(mode="after")
@@ -43,12 +47,14 @@ class HistoryPage(_Svc):
     messages: list[ChatMessage]
     has_more: bool
     """More messages exist in the asked direction (older for ``before``, newer for ``after``)."""
-    gap: bool = False
-    """``after`` pointed at a message retention already removed: some may be missing."""
 
 
 class StoreAck(_Svc):
-    """The history replica's reply to a ``room.<room>.message`` request once JetStream stored it."""
+    """The history replica's reply to a ``room.<room>.message`` request once JetStream stored it.
+
+    A retried send (same ``Nats-Msg-Id`` within the idempotency window) is answered with the
+    original's ``id`` and ``seq`` and ``duplicate: true``.
+    """
 
     id: MessageId
     seq: int
@@ -76,8 +82,8 @@ class InboxQuery(_Svc):
     """``svc.inbox.<user>``: that user's direct messages (sent and received), paged like rooms."""
 
     user: UserId
-    before: MessageId | None = None
-    after: MessageId | None = None
+    before: Cursor | None = None
+    after: Cursor | None = None
     limit: int = Field(default=50, ge=1, le=REPLAY_PAGE_MAX)
 
     @model_validator(mode="after")

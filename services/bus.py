@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import nats
@@ -28,6 +29,8 @@ class Bus:
     nc: NATS
     js: JetStreamContext
     settings: NatsSettings
+    on_reconnect: list[Callable[[], None]] = field(default_factory=list)
+    """Called after every reconnection (e.g. to read what was missed while it was down)."""
     _closing: bool = field(default=False, repr=False)
 
     @property
@@ -65,12 +68,19 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
         NATS_CONNECTED.set(0)
         log.warning("nats disconnected")
 
+    hooks: list[Callable[[], None]] = []
+
     async def reconnected_cb() -> None:
         NATS_CONNECTED.set(1)
         NATS_RECONNECTS.inc()
         log.info(
             "nats reconnected", extra={"url": str(nc.connected_url and nc.connected_url.netloc)}
         )
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("reconnect hook failed")
 
     async def closed_cb() -> None:
         NATS_CONNECTED.set(0)
@@ -107,7 +117,7 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
             await asyncio.sleep(min(settings.nats_reconnect_wait * attempt, 2.0))
     NATS_CONNECTED.set(1)
     log.info("nats connected", extra={"url": str(nc.connected_url and nc.connected_url.netloc)})
-    return Bus(nc=nc, js=nc.jetstream(), settings=settings)
+    return Bus(nc=nc, js=nc.jetstream(), settings=settings, on_reconnect=hooks)
 
 
 __all__ = ["Bus", "connect", "nats"]

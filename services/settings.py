@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+from functools import cached_property
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, field_validator
@@ -58,6 +60,18 @@ class ServiceSettings(NatsSettings):
     """Hard deadline in seconds for a graceful shutdown after SIGTERM."""
     instance: str = ""
     """Name of this process in logs and NATS monitoring (default: service-pid)."""
+    ephemeral_rooms: str = ""
+    """Comma-separated room name patterns (``live-*``) that are never stored: fanned out from
+    the raw publish, acked at once, no ``seq`` and no replay. Gateways and history must agree."""
+
+    @cached_property
+    def _ephemeral(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.ephemeral_rooms.split(",") if p.strip())
+
+    def is_ephemeral(self, room: str) -> bool:
+        """True when ``room`` matches an ``ephemeral_rooms`` pattern."""
+        patterns = self._ephemeral
+        return bool(patterns) and any(fnmatch.fnmatchcase(room, p) for p in patterns)
 
 
 def settings_from(cls: type[S], overrides: dict[str, Any] | None = None) -> S:

@@ -58,18 +58,27 @@ def services(tmp_path: Path) -> Iterator[ServiceFactory]:
     """Start ``roombus <service>`` processes; every one is stopped after the test.
 
     ``services("gateway", nats)`` starts a gateway on a free port against that server;
-    keyword arguments become environment settings (``MAX_ROOMS=2``).
+    keyword arguments become environment settings (``MAX_ROOMS=2``). Messages reach clients
+    only once stored, so the first gateway of a test on a server also starts a history
+    service there, unless ``history=False`` (or the test started one itself).
     """
     started: list[ServiceProc] = []
+    with_history: set[str] = set()
 
     def start(
         service: str,
         nats: NatsServer | NatsCluster | str,
         *args: str,
         wait: bool = True,
+        history: bool = True,
         **env: object,
     ) -> ServiceProc:
         url = nats if isinstance(nats, str) else nats.url
+        if service == "history":
+            with_history.add(url)
+        elif service == "gateway" and history and url not in with_history:
+            shared = {k: v for k, v in env.items() if k in ("EPHEMERAL_ROOMS", "LOG_LEVEL")}
+            start("history", nats, **shared)
         # Tests blast hundreds of frames a second; the rate-limit tests set their own.
         defaults = {"RATE_LIMIT": "100000", "RATE_BURST": "100000"} if service == "gateway" else {}
         proc = ServiceProc(

@@ -1,0 +1,231 @@
+"""One ordered feed per room (and per user inbox) with local members: the stream's order,
+each message once, gaps healed from the stream without a reconnect.
+
+Stored messages arrive republished by the HISTORY stream with their ``seq`` and ``prev`` (the
+previous sequence on the same subject). A feed remembers the last ``seq`` it delivered. A
+message whose ``prev`` is not that ``seq`` means something was missed (a NATS blip, a slow
+subscription, a reconnect): the feed reads the missing range from the stream and delivers it,
+in order, before anything newer. Live messages that arrive meanwhile are held (bounded); when
+the bound is hit they are dropped and read from the stream instead, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from proto.bus import ChatMessage, DirectMessage
+from proto.frames import encode_frame
+from services.logs import RateLimitedLog
+from services.streamread import ReadError, StreamReader
+
+from . import metrics
+
+log = logging.getLogger("roombus.gateway.feeds")
+
+HEAL_BATCH = 500
+RETRY_MAX = 2.0
+
+Row = tuple[int, int, bytes]
+"""(seq, prev, encoded client frame)"""
+Deliver = Callable[["Feed", int, int, bytes], None]
+
+
+def room_frame(data: bytes, seq: int, prev: int, room: str) -> bytes:
+    """The ``chat.message`` frame of a stored payload (validated: the stream is writable by
+    anyone on the bus); raises ValueError."""
+    msg = ChatMessage.model_validate_json(data)
+    if msg.room != room:
+        raise ValueError("stored message names another room")
+    body = msg.model_dump(mode="json", exclude_none=True)
+    body["seq"], body["prev"] = seq, prev
+    return encode_frame("chat.message", body)
+
+
+def inbox_frame(data: bytes, seq: int, prev: int, user: str) -> bytes:
+    """The ``dm`` frame of a stored direct-message copy in ``user``'s inbox."""
+    dm = DirectMessage.model_validate_json(data)
+    if user not in (dm.to, dm.sender):
+        raise ValueError("stored direct message is not this user's")
+    body = dm.wire()
+    body["seq"], body["prev"] = seq, prev
+    return encode_frame("dm", body)
+
+
+class Feed:
+    """The ordered delivery of one stream subject (``history.<room>`` / ``inbox.<user>``)."""
+
+    __slots__ = (
+        "name",
+        "subject",
+        "frame",
+        "last",
+        "busy",
+        "held",
+        "overflow",
+        "ready",
+        "closed",
+        "task",
+    )
+
+    def __init__(
+        self, name: str, subject: str, frame: Callable[[bytes, int, int, str], bytes]
+    ) -> None:
+        self.name = name
+        """The room (or user) this feed serves."""
+        self.subject = subject
+        self.frame = frame
+        self.last: int | None = None
+        """The last ``seq`` delivered to local members (None until the start is read)."""
+        self.busy = True
+        self.held: list[tuple[int, int, bytes]] = []
+        self.overflow = False
+        self.ready = asyncio.Event()
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Feeds:
+    """Every feed of this gateway, their live intake and their healing."""
+
+    def __init__(self, reader: StreamReader, deliver: Deliver, hold_max: int) -> None:
+        self.reader = reader
+        self.deliver = deliver
+        self.hold_max = hold_max
+        self.feeds: dict[str, Feed] = {}
+        self._badlog = RateLimitedLog(log)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def open(
+        self, key: str, name: str, subject: str, frame: Callable[[bytes, int, int, str], bytes]
+    ) -> Feed:
+        """The feed ``key``, started (its position read from the stream) when new."""
+        feed = self.feeds.get(key)
+        if feed is None:
+            feed = self.feeds[key] = Feed(name, subject, frame)
+            self._heal(feed)
+        return feed
+
+    def close(self, key: str) -> None:
+        feed = self.feeds.pop(key, None)
+        if feed is not None:
+            feed.closed = True
+            if feed.task is not None:
+                feed.task.cancel()
+
+    def heal_all(self) -> None:
+        """After a reconnect: whatever was published meanwhile is read from the stream."""
+        for feed in self.feeds.values():
+            if not feed.busy:
+                feed.busy = True
+                self._heal(feed)
+
+    def reset_all(self) -> list[Feed]:
+        """The stream was recreated (new epoch): every feed starts again at its new end."""
+        feeds = list(self.feeds.values())
+        for feed in feeds:
+            if feed.task is not None:
+                feed.task.cancel()
+            feed.last, feed.busy, feed.held, feed.overflow = None, True, [], False
+            feed.ready = asyncio.Event()
+            self._heal(feed)
+        return feeds
+
+    # -- intake -----------------------------------------------------------------------
+    def offer(self, key: str, seq: int, prev: int, data: bytes) -> None:
+        """A republished message (live): deliver it, hold it, or start healing."""
+        feed = self.feeds.get(key)
+        if feed is None:
+            return
+        if feed.busy:
+            if len(feed.held) < self.hold_max:
+                feed.held.append((seq, prev, data))
+            elif not feed.overflow:
+                feed.overflow = True  # the healer reads these from the stream instead
+                feed.held.clear()
+                metrics.DROPPED.labels("feed_overflow_reread").inc()
+            return
+        assert feed.last is not None
+        if seq <= feed.last:
+            metrics.DUPLICATES.inc()  # healed already, its live copy came late
+            return
+        if prev <= feed.last:
+            self._emit(feed, seq, prev, data)
+            return
+        metrics.GAPS.inc()
+        feed.busy = True
+        feed.held.append((seq, prev, data))
+        self._heal(feed)
+
+    def _emit(self, feed: Feed, seq: int, prev: int, data: bytes) -> None:
+        feed.last = seq
+        try:
+            frame = feed.frame(data, seq, prev, feed.name)
+        except ValueError as exc:
+            metrics.BUS_MALFORMED.labels("stored").inc()
+            self._badlog.warning(
+                "bad_stored", "skipped a malformed stored message", seq=seq, error=str(exc)[:200]
+            )
+            return
+        self.deliver(feed, seq, prev, frame)
+
+    # -- healing ----------------------------------------------------------------------
+    def _heal(self, feed: Feed) -> None:
+        feed.task = asyncio.create_task(self._healer(feed), name=f"heal-{feed.subject}")
+
+    async def _healer(self, feed: Feed) -> None:
+        delay = 0.05
+        started = asyncio.get_running_loop().time()
+        while not feed.closed:
+            try:
+                await self._catch_up(feed)
+            except ReadError as exc:
+                # NATS is down or the stream has no leader: keep trying while anyone is here.
+                self._badlog.warning(
+                    "heal_retry", "feed cannot read the stream yet", error=str(exc)
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            metrics.HEAL_SECONDS.observe(asyncio.get_running_loop().time() - started)
+            return
+
+    async def _catch_up(self, feed: Feed) -> None:
+        read_nothing = False
+        while True:
+            if feed.last is None:
+                feed.last = await self.reader.last(feed.subject)
+            else:
+                rows, more = await self.reader.after(feed.subject, feed.last, HEAL_BATCH)
+                if feed.closed:
+                    return
+                prev = feed.last
+                for row in rows:
+                    self._emit(feed, row.seq, prev, row.data)
+                    prev = row.seq
+                metrics.HEALED.inc(len(rows))
+                read_nothing = not rows
+                if more:
+                    continue
+            # Everything stored up to the read is out; now what was held meanwhile.
+            if feed.overflow:
+                feed.overflow = False
+                continue
+            held, feed.held = sorted(feed.held), []
+            gap = False
+            for i, (seq, prev, data) in enumerate(held):
+                if seq <= feed.last:
+                    continue
+                if prev > feed.last and not read_nothing:
+                    # The stream has what is missing (a read that found nothing means it
+                    # expired already: go on with what is there).
+                    feed.held = held[i:] + feed.held
+                    gap = True
+                    break
+                self._emit(feed, seq, prev, data)
+            if gap or feed.held:
+                continue
+            feed.busy = False  # no await since the last check: nothing slipped in between
+            feed.ready.set()
+            return
