@@ -11,7 +11,7 @@ from nats.js.errors import NotFoundError
 
 
 async def stored_messages(nats_url: str, room: str) -> list[dict[str, Any]]:
-    """Every message stored for ``room`` in HISTORY, in stream order."""
+    """Every message stored for ``room`` in HISTORY, in stream order (with its ``seq``)."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
@@ -33,7 +33,7 @@ async def stored_messages(nats_url: str, room: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while len(out) < total:
             for m in await sub.fetch(min(500, total - len(out)), timeout=10):
-                out.append(json.loads(m.data))
+                out.append({**json.loads(m.data), "seq": m.metadata.sequence.stream})
         await sub.unsubscribe()
         return out
     finally:

@@ -1,0 +1,67 @@
+"""A TCP proxy on loopback that a test can cut: the link between one service and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from tests.support.procs import free_port
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target``; :meth:`cut` drops every connection and
+    refuses new ones until :meth:`restore`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self.cut_off = False
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._open |= {writer, up_w}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+        self._open -= {writer, up_w}
+
+    def cut(self) -> None:
+        """Drop every connection through the proxy and refuse new ones."""
+        self.cut_off = True
+        for w in list(self._open):
+            with contextlib.suppress(Exception):
+                w.transport.abort()
+        self._open.clear()
+
+    def restore(self) -> None:
+        self.cut_off = False
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
