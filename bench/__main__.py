@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 SUB_PROCS = 2  # subscriber processes per step
 # Server kinds: the bare baseline, roombus as deployed (two history replicas store every
-# message before the ack), roombus as a pure fan-out (STORE_ACKS=false, no history).
+# message before the ack), roombus as a pure fan-out (EPHEMERAL_ROOMS=*, no history).
 KINDS = ("baseline", "roombus", "fanout")
 GATEWAYS = ("roombus", "fanout")
 SERVICES = (*GATEWAYS, "history")  # our processes: `roombus <command>`, /readyz
@@ -61,8 +61,8 @@ class Server:
             "RATE_BURST": "100000",
         }
         if kind == "fanout":
-            # roombus as a pure fan-out: no history service, acks without storage.
-            env["STORE_ACKS"] = "false"
+            # roombus as a pure fan-out: ephemeral rooms, no history service, acked at once.
+            env["EPHEMERAL_ROOMS"] = "*"
         if kind in SERVICES:
             cmd = [
                 sys.executable,

@@ -37,7 +37,7 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
 
 
 KINDS = ("roombus", "baseline")
-# kind -> plot colour; "fanout" is roombus with STORE_ACKS=false and no history service.
+# kind -> plot colour; "fanout" is roombus with EPHEMERAL_ROOMS=* and no history service.
 COLOURS = {"roombus": "tab:blue", "fanout": "tab:green", "baseline": "tab:gray"}
 
 

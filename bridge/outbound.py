@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from proto import redis as rproto
 from proto import subjects
-from proto.bus import parse_bus_chat
+from proto.bus import stored_chat
 from services.logs import RateLimitedLog
 
 from . import metrics
@@ -59,11 +59,13 @@ class Outbound:
         if (msg.headers or {}).get(rproto.ORIGIN_HEADER) == rproto.ORIGIN_REDIS:
             metrics.DROPPED.labels(DIRECTION, "echo").inc()  # came from Redis: not back
             return
-        room = subjects.parse_room_message(msg.subject)
+        room = subjects.parse_stored_room(msg.subject)
         try:
             if room is None:
-                raise ValueError("not a room.<room>.message subject")
-            chat = parse_bus_chat(msg.data, room)
+                raise ValueError("not a stored.history.<room> subject")
+            chat = stored_chat(msg.data)
+            if chat.room != room:
+                raise ValueError("stored message names another room")
         except ValueError as exc:
             metrics.DROPPED.labels(DIRECTION, "bad_payload").inc()
             self._badlog.warning(

@@ -71,9 +71,10 @@ class BridgeService:
         writer = tasks.spawn(outbound.run(stop), "redis-publisher")
         rooms = settings.rooms
         for subject in (
-            [subjects.ROOM_MESSAGE_WILDCARD]
+            # Stored messages, as the stream republishes them: the one order, each once.
+            [subjects.STORED_ROOM_WILDCARD]
             if rooms is None
-            else [subjects.room_message(r) for r in rooms]
+            else [subjects.stored_room(r) for r in rooms]
         ):
             await bus.nc.subscribe(
                 subject,

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from proto import subjects
 from proto.bus import ChatMessage, DirectMessage, parse_bus_direct, stamp_bus_chat
 from proto.errors import ErrorCode
+from proto.redis import ORIGIN_HEADER
 from proto.svc import PAGE_BYTES_MAX, HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
 from services.bus import Bus, connect
 from services.logs import RateLimitedLog
@@ -125,8 +126,13 @@ class HistoryService:
             return
         # The stored form is canonical: id/ts made here, unknown fields dropped.
         payload = orjson.dumps(chat.model_dump(mode="json", exclude_none=True))
-        key = (msg.headers or {}).get("Nats-Msg-Id") or None
-        await self._spawn_store(chat.id, [(subjects.history(room), key, payload)], msg.reply)
+        headers = msg.headers or {}
+        key = headers.get("Nats-Msg-Id") or None
+        # The bridge marks what it brought in from Redis; the mark travels with the stored
+        # (republished) copy, so the bridge never sends it back to Redis.
+        origin = headers.get(ORIGIN_HEADER)
+        extra = {ORIGIN_HEADER: origin} if origin else None
+        await self._spawn_store(chat.id, [(subjects.history(room), key, payload)], msg.reply, extra)
 
     async def on_direct(self, msg: Msg) -> None:
         """A direct message: one stored copy in the inbox of each party, the sender's first."""
@@ -148,19 +154,23 @@ class HistoryService:
         ]
         await self._spawn_store(dm.id, copies, msg.reply)
 
-    async def _spawn_store(self, msg_id: str, copies: list[Copy], reply: str) -> None:
+    async def _spawn_store(
+        self, msg_id: str, copies: list[Copy], reply: str, extra: dict[str, str] | None = None
+    ) -> None:
         await self._slots.acquire()  # backpressure: the subscription's pending queue absorbs
         metrics.INFLIGHT.inc()
-        task = asyncio.create_task(self._store(msg_id, copies, reply))
+        task = asyncio.create_task(self._store(msg_id, copies, reply, extra))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _store(self, msg_id: str, copies: list[Copy], reply: str) -> None:
+    async def _store(
+        self, msg_id: str, copies: list[Copy], reply: str, extra: dict[str, str] | None
+    ) -> None:
         assert self.store is not None and self._bus is not None
         store = self.store
         try:
             if len(copies) == 1:  # a room message: no gather (and its extra task)
-                results = [await store.append(*copies[0])]
+                results = [await store.append(*copies[0], extra)]
             else:
                 results = await asyncio.gather(*(store.append(s, i, p) for s, i, p in copies))
             seq, duplicate = results[0][0], all(d for _, d in results)

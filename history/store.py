@@ -44,7 +44,13 @@ class Store:
     async def provision(self) -> None:
         await ensure_stream(self.js, stream_config(self.settings), self.settings.jetstream_wait)
 
-    async def append(self, subject: str, msg_id: str | None, payload: bytes) -> tuple[int, bool]:
+    async def append(
+        self,
+        subject: str,
+        msg_id: str | None,
+        payload: bytes,
+        extra: dict[str, str] | None = None,
+    ) -> tuple[int, bool]:
         """Store one message (idempotent by ``msg_id``); returns (stream seq, was a duplicate).
 
         A duplicate's seq is the original's. While the stream has no leader (a cluster node
@@ -54,7 +60,7 @@ class Store:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.history_store_timeout
         delay = 0.1
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        headers = {**(extra or {}), **({"Nats-Msg-Id": msg_id} if msg_id else {})} or None
         while True:
             fut = await self.js.publish_async(
                 subject,

@@ -201,6 +201,6 @@ def envelope(msg: ChatMessage) -> bytes:
     """The Redis-era envelope of ``msg``, marked ``via: roombus`` (never ``client_id``)."""
     # ``msg`` is already a validated ChatMessage: dump it rather than validate it again
     # (this is the bridge's hot path); the result is a valid RedisEnvelopeOut.
-    data = msg.model_dump(mode="json", exclude_none=True, exclude={"client_id"})
+    data = msg.model_dump(mode="json", exclude_none=True, exclude={"client_id", "seq", "prev"})
     data["via"] = VIA
     return orjson.dumps({"type": "chat.message", "data": data})

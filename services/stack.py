@@ -133,7 +133,7 @@ def run_up(args: dict[str, Any]) -> int:
         # Every service gets every node's URL; the JetStream assets are R3. The user's
         # own environment wins over these defaults.
         r = str(min(3, size))
-        replicas = {"HISTORY_REPLICAS": r, "PRESENCE_REPLICAS": r, "CLIENT_ID_REPLICAS": r}
+        replicas = {"HISTORY_REPLICAS": r, "PRESENCE_REPLICAS": r}
         env = {**replicas, **os.environ, "NATS_URL": nats_url}
     py = [sys.executable, "-m", "services.cli"]
     children = [

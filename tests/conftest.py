@@ -77,8 +77,7 @@ def services(tmp_path: Path) -> Iterator[ServiceFactory]:
         if service == "history":
             with_history.add(url)
         elif service == "gateway" and history and url not in with_history:
-            shared = {k: v for k, v in env.items() if k in ("EPHEMERAL_ROOMS", "LOG_LEVEL")}
-            start("history", nats, **shared)
+            start("history", nats, EPHEMERAL_ROOMS=str(env.get("EPHEMERAL_ROOMS", "")))
         # Tests blast hundreds of frames a second; the rate-limit tests set their own.
         defaults = {"RATE_LIMIT": "100000", "RATE_BURST": "100000"} if service == "gateway" else {}
         proc = ServiceProc(

@@ -140,8 +140,7 @@ def start_bridges(
 
 
 def gateway(services: ServiceFactory, nats: NatsServer, **env: object) -> ServiceProc:
-    # No history service runs here: without STORE_ACKS=false the gateway would retry.
-    return services("gateway", nats, **{"STORE_ACKS": "false", **env})
+    return services("gateway", nats, **env)
 
 
 async def test_redis_cli_publish_reaches_clients_on_two_gateways_once(
@@ -204,7 +203,7 @@ async def test_two_bridge_replicas_give_one_copy_each_way(
     bridges = start_bridges(services, nats_server, redis_server, n=2)
     # Storage acks on with no history service: the gateway retries each message with the
     # same id, and the queue group spreads the retries over both replicas.
-    g1 = services("gateway", nats_server, STORE_ACKS="true", ACK_TIMEOUT=0.1)
+    g1 = services("gateway", nats_server, ACK_TIMEOUT=0.1)
     g2 = gateway(services, nats_server)
     a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
     await a.join(room)

@@ -65,11 +65,16 @@ async def test_dms_are_stored_and_each_user_reads_only_their_own(
     assert "f->d" not in texts  # frank wrote to dave, not to erin
     await frank.send("dm.history", limit=100)
     assert [m["text"] for m in (await frank.next("dm.history"))["data"]["messages"]] == ["f->d"]
-    # Replay after an id: what came later, in order.
-    first_id = page["messages"][0]["id"]
-    await erin.send("dm.history", after=first_id, limit=100)
+    # Each inbox copy has its own seq; replay after one: what came later, in order.
+    seqs = [m["seq"] for m in page["messages"]]
+    assert seqs == sorted(seqs) and [m["prev"] for m in page["messages"][1:]] == seqs[:-1]
+    await erin.send("dm.history", after=seqs[0], limit=100)
     later = (await erin.next("dm.history"))["data"]["messages"]
     assert [m["id"] for m in later] == [m["id"] for m in page["messages"][1:]]
+    # Live DMs carry the seq of the receiving user's inbox, linked by prev.
+    live = [f["data"] for f in erin.frames if f["type"] == "dm"]
+    assert [m["seq"] for m in live] == seqs
+    assert [m["prev"] for m in live[1:]] == seqs[:-1]
 
 
 async def test_nats_pub_event_reaches_subscribers_only(
@@ -121,23 +126,32 @@ async def _read_sse(
     connected: asyncio.Event,
     last_id: str | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Read ``want`` chat messages from /sse as an EventSource would; (id, frame) pairs."""
+    """Read ``want`` chat messages from /sse as an EventSource would; (id, frame) pairs.
+    ``room`` may list several rooms (``a,b``); ``connected`` is set once all are joined."""
     headers = {"Last-Event-ID": last_id} if last_id else {}
     out: list[tuple[str, dict[str, Any]]] = []
+    rooms = set(room.split(","))
     async with httpx.AsyncClient(timeout=20) as http:
         async with http.stream("GET", f"{gw.http}/sse?rooms={room}&user=es", headers=headers) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             event_id = None
             async for line in r.aiter_lines():
-                if line.startswith("retry:"):
-                    connected.set()
-                elif line.startswith("id: "):
+                if line.startswith("id: "):
                     event_id = line[4:]
                 elif line.startswith("data: "):
                     frame = json.loads(line[6:])
+                    if frame["type"] == "joined":
+                        rooms.discard(frame["data"]["room"])
+                        if not rooms:
+                            connected.set()
                     if frame["type"] == "chat.message":
-                        assert event_id == frame["data"]["id"]
+                        if "," not in room:
+                            assert event_id == str(frame["data"]["seq"])
+                        else:
+                            assert f"{frame['data']['room']}:{frame['data']['seq']}" in str(
+                                event_id
+                            )
                         out.append((str(event_id), frame))
                         if len(out) == want:
                             return out
@@ -171,6 +185,39 @@ async def test_eventsource_reconnect_with_last_event_id_gets_exactly_what_it_mis
     await sender.send("chat.message", room=room, text="live")
     got = await asyncio.wait_for(back, 20)
     assert [f["data"]["text"] for _, f in got] == [*missed, "live"]
+
+
+async def test_eventsource_over_two_rooms_resumes_each_room_exactly(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    """With several rooms the event id is every room's position (``a:12,b:40``)."""
+    g = services("gateway", nats_server)
+    a, b = f"{room}a", f"{room}b"
+    sender = await Client.open(g.ws_url, "sender")
+    await sender.join(a)
+    await sender.join(b)
+    connected = asyncio.Event()
+    reader = asyncio.create_task(_read_sse(g, f"{a},{b}", 2, connected))
+    await asyncio.wait_for(connected.wait(), 10)
+    for r in (a, b):
+        await sender.send("chat.message", room=r, text=f"seen {r}", client_id=f"seen{r}")
+        await sender.next("ack", client_id=f"seen{r}")
+    seen = await asyncio.wait_for(reader, 10)
+    last_id = seen[-1][0]
+    missed = [(r, f"missed {r} {i}") for i in range(20) for r in (a, b)]
+    for r, t in missed:
+        await sender.send("chat.message", room=r, text=t, client_id=t)
+    await sender.wait(
+        lambda _: {a["data"]["client_id"] for a in sender.of("ack")} >= {t for _, t in missed},
+        20,
+        "acks",
+    )
+    connected = asyncio.Event()
+    back = asyncio.create_task(_read_sse(g, f"{a},{b}", 40, connected, last_id))
+    got = await asyncio.wait_for(back, 20)
+    for r in (a, b):
+        texts = [f["data"]["text"] for _, f in got if f["data"]["room"] == r]
+        assert texts == [t for rr, t in missed if rr == r]
 
 
 async def test_http_publish_api(
@@ -213,6 +260,7 @@ async def test_http_publish_api(
     assert next(f for f in c.frames if f["type"] == "dm")["data"]["from"] == "system"
     stored = await stored_messages(nats_server.url, room)
     assert [m["id"] for m in stored] == [msg_id]
+    assert c.of("chat.message")[0]["data"]["seq"] == stored[0]["seq"]
 
 
 @pytest.mark.parametrize("query", ["rooms=a.b", "events=x..y", "rooms=ok&last_event_id=nope"])

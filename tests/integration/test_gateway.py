@@ -137,6 +137,7 @@ async def test_hand_published_bus_message_reaches_clients(
 async def test_malformed_bus_payload_is_dropped_and_gateway_keeps_serving(
     nats_server: NatsServer, services: ServiceFactory, room: str
 ) -> None:
+    h = services("history", nats_server)
     g = services("gateway", nats_server)
     c = await Client.open(g.ws_url, "c")
     await c.join(room)
@@ -144,15 +145,18 @@ async def test_malformed_bus_payload_is_dropped_and_gateway_keeps_serving(
     bad = [b"garbage", b"[]", b'{"user":"x"}', b'{"user":"a b","text":"x"}', b"\xff\xfe"]
     for payload in bad:
         await nc.publish(f"room.{room}.message", payload)
+    # Written straight into the stream, past the history service: the gateway checks too.
+    await nc.publish(f"history.{room}", b'{"id":"x","text":"half-formed"}')
     await nc.publish(f"room.{room}.message", b'{"user":"ops","text":"good one"}')
     await nc.flush()
     await c.wait_texts(["good one"])
     assert c.texts() == ["good one"]
     assert wait_for(
-        lambda: g.metric("roombus_gateway_bus_malformed_total") >= len(bad), 5, "malformed count"
+        lambda: h.metric("roombus_history_malformed_total") >= len(bad), 5, "malformed count"
     )
-    # The gateway logs the drop, and does not spam one line per bad payload.
-    log = g.log()
+    assert g.metric("roombus_gateway_bus_malformed_total", 'kind="stored"') == 1
+    # The history service logs the drop, and does not spam one line per bad payload.
+    log = h.log()
     assert "dropped malformed bus message" in log
     assert log.count("dropped malformed bus message") < len(bad)
     await c.send("chat.message", room=room, text="still serving")

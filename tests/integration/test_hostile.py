@@ -51,7 +51,7 @@ def gateway(
             "AUTH_TIMEOUT": "1",
             "JWT_LEEWAY": "0",
             "IDLE_TIMEOUT": "4",
-            "STORE_ACKS": "false",
+            "EPHEMERAL_ROOMS": "*",  # no history service here: live fan-out only
         },
         logdir=Path(tmp_path_factory.mktemp("hostile")),
     ).start()
