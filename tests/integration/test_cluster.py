@@ -2,7 +2,8 @@
 
 Every service gets all three URLs; HISTORY and the presence buckets are R3. Traffic flows
 from WebSocket clients on two gateways while nodes are killed with SIGKILL; the tests measure
-how long fan-out stops and count acked messages missing from HISTORY afterwards (must be 0). Run with ``-s`` to see the figures.
+how long fan-out stops and count acked messages missing from HISTORY afterwards (must be 0).
+Run with ``-s`` to see the figures.
 """
 
 from __future__ import annotations
