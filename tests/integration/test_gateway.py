@@ -269,3 +269,42 @@ async def test_cross_site_origin_is_refused_before_upgrade(
     assert info.value.response.status_code == 403
     ok = await Client.open(g.ws_url, "y", origin=f"http://localhost:{g.port}")
     assert ok.hello is not None
+
+
+async def test_ephemeral_rooms_fan_out_live_without_storage(
+    fresh_nats: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    """`EPHEMERAL_ROOMS=live-*`: never stored, acked at once, no seq, no history needed."""
+    env = {"EPHEMERAL_ROOMS": "live-*"}
+    g1 = services("gateway", fresh_nats, history=False, **env)
+    g2 = services("gateway", fresh_nats, history=False, **env)
+    live = f"live-{room}"
+    a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
+    joined = await a.join(live)
+    assert joined["data"]["ephemeral"] is True
+    await b.join(live)
+    await a.send("chat.message", room=live, text="score 1-0", client_id="e1")
+    ack = (await a.next("ack", client_id="e1"))["data"]
+    assert is_id(ack["id"]) and "seq" not in ack
+    for c in (a, b):
+        await c.wait_texts(["score 1-0"], live)
+        msg = c.of("chat.message")[0]["data"]
+        assert msg["id"] == ack["id"] and "seq" not in msg
+    # Leaving and coming back: the raw subscription follows membership, one copy each.
+    await b.send("leave", room=live)
+    await b.next("left", room=live)
+    await b.join(live)
+    await a.send("chat.message", room=live, text="score 2-0")
+    await b.wait_texts(["score 2-0"], live)
+    await a.wait_texts(["score 2-0"], live)
+    assert b.texts(live) == ["score 1-0", "score 2-0"] == a.texts(live)
+    # A stored room on the same gateways still needs the history service: it says so.
+    await a.send("join", room=room)
+    err = await a.error("unavailable")
+    assert err["data"]["frame"] == "join"
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        names = [s.config.name for s in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+    assert "HISTORY" not in names  # nothing was stored anywhere
