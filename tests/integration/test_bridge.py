@@ -395,8 +395,10 @@ async def test_bridge_rooms_setting_limits_what_crosses(
 async def test_throughput_each_way(
     nats_server: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
-    """Messages/s through one bridge each way (printed; run with -s to see the figures)."""
+    """Messages/s through one bridge each way (printed; run with -s to see the figures).
+    NATS -> Redis goes through storage: what reaches Redis is what the stream republished."""
     (bridge,) = start_bridges(services, nats_server, redis_server)
+    services("history", nats_server)
     n = 20_000
     nc = await nats.connect(nats_server.url)
     r = Redis.from_url(redis_server.url)
