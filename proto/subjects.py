@@ -21,7 +21,6 @@ BRIDGE_QUEUE = "bridge"
 
 HISTORY_STREAM = "HISTORY"
 PRESENCE_BUCKET = "presence"
-PRESENCE_CLAIMS_BUCKET = "presence_events"
 PRESENCE_ANNOUNCED_BUCKET = "presence_announced"
 CLIENT_IDS_BUCKET = "client_ids"
 

@@ -40,7 +40,7 @@ R3 = {"HISTORY_REPLICAS": 3, "PRESENCE_REPLICAS": 3, "CLIENT_ID_REPLICAS": 3}
 PACE = 0.04  # seconds between two sends of one sender: 4 senders, ~100 messages/s
 HISTORY = "HISTORY"
 CLIENT_IDS = "KV_client_ids"
-STREAMS = (HISTORY, CLIENT_IDS, "KV_presence", "KV_presence_events")
+STREAMS = (HISTORY, CLIENT_IDS, "KV_presence", "KV_presence_announced")
 
 
 @dataclass
