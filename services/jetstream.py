@@ -52,7 +52,8 @@ PRESENCE_MAX_BYTES_DEFAULT = 64 * 1024**2
 # full.
 BOUND_SETTINGS: dict[str, str] = {
     subjects.HISTORY_STREAM: "HISTORY_MAX_BYTES",
-    f"KV_{subjects.PRESENCE_BUCKET}": "PRESENCE_MAX_BYTES",
+    # The gateways create it too, with the default bound, when they start first.
+    f"KV_{subjects.PRESENCE_BUCKET}": "PRESENCE_MAX_BYTES (presence service; start it first)",
     f"KV_{subjects.PRESENCE_ANNOUNCED_BUCKET}": "PRESENCE_MAX_BYTES",
 }
 
@@ -99,27 +100,30 @@ def storage_refusal(exc: BaseException) -> str | None:
     return None
 
 
-def note_storage_refusal(asset: str, exc: BaseException) -> bool:
+def note_storage_refusal(asset: str | None, exc: BaseException) -> bool:
     """Count and log (rate-limited) a write refused for lack of space; False for other errors.
 
-    The log line says why and what to change, so "acks stopped" is never a mystery.
+    ``asset`` is the stream written to, None when unknown (the error of an async publish
+    reaches only the connection's error callback). The log line says why and what to
+    change, so "acks stopped" is never a mystery.
     """
     reason = storage_refusal(exc)
     if reason is None:
         return False
-    STORAGE_REFUSED.labels(asset, reason).inc()
+    name = asset or "unknown"
+    STORAGE_REFUSED.labels(name, reason).inc()
     if reason == "server":
         advice = (
             "JetStream's store is full (its max_file_store, or the disk): something outside "
-            f"the reserved bounds uses the space. Free it, or raise the limit; {asset} keeps "
-            "its own retention."
+            "the bounds it reserved for roombus's streams uses the space. Free it, or raise "
+            "max_file_store; writes resume by themselves once there is room."
         )
     else:
-        advice = f"{asset} is at its byte bound: raise {_bound_setting(asset)}."
+        advice = f"{name} is at its byte bound: raise {_bound_setting(name)}."
     _storage_log.warning(
-        f"storage_{reason}_{asset}",
+        f"storage_{reason}_{name}",
         "JetStream refused a write: no space",
-        asset=asset,
+        asset=name,
         reason=reason,
         advice=advice,
         error=getattr(exc, "description", None) or repr(exc),
