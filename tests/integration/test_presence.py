@@ -254,19 +254,19 @@ async def presence_on_bus(nc: NATS, room: str) -> list[dict[str, Any]]:
 
 
 async def test_changes_made_while_presence_was_down_are_announced_once_after_its_restart(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    fresh_nats: NatsServer, services: ServiceFactory, room: str
 ) -> None:
     ttl = 2
-    p = services("presence", nats_server, PRESENCE_TTL=ttl)
-    g1 = services("gateway", nats_server, PRESENCE_TTL=ttl)
-    g2 = services("gateway", nats_server, PRESENCE_TTL=ttl)
+    p = services("presence", fresh_nats, PRESENCE_TTL=ttl)
+    g1 = services("gateway", fresh_nats, PRESENCE_TTL=ttl)
+    g2 = services("gateway", fresh_nats, PRESENCE_TTL=ttl)
     watcher = await Client.open(g1.ws_url, "watcher")
     await watcher.join(room)
     leavers = [await Client.open(g1.ws_url, f"l{i}") for i in range(5)]
     doomed = [await Client.open(g2.ws_url, f"d{i}") for i in range(10)]
     await asyncio.gather(*(c.join(room) for c in leavers + doomed))
     await watcher.wait(lambda _: len(events(watcher, room, "join")) == 15, 15, "15 joins")
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(fresh_nats.url)
     on_bus = await presence_on_bus(nc, room)
 
     assert p.terminate() == 0  # presence is down from here...
@@ -285,7 +285,7 @@ async def test_changes_made_while_presence_was_down_are_announced_once_after_its
 
     # Two replicas come back at once: each change goes out once, by one of them.
     restarted = time.monotonic()
-    back = [services("presence", nats_server, PRESENCE_TTL=ttl, wait=False) for _ in range(2)]
+    back = [services("presence", fresh_nats, PRESENCE_TTL=ttl, wait=False) for _ in range(2)]
     for proc in back:
         proc.wait_ready()
     await watcher.wait(
@@ -310,6 +310,7 @@ async def test_changes_made_while_presence_was_down_are_announced_once_after_its
     assert kinds == sorted([("leave", u) for u in left] + [("join", u) for u in joined]), (
         "each change once on the bus"
     )
+    # Its own server: no other test's room is reconciled in the count.
     assert sum(proc.metric("roombus_presence_reconciled_total") for proc in back) == 20
     assert await members(watcher, room) == sorted(after | {"marker"})
     await nc.close()
@@ -317,21 +318,21 @@ async def test_changes_made_while_presence_was_down_are_announced_once_after_its
 
 @pytest.mark.parametrize("stop", ["sigterm", "kill-9"])
 async def test_presence_restarted_with_nothing_changed_announces_nothing(
-    nats_server: NatsServer, services: ServiceFactory, room: str, stop: str
+    fresh_nats: NatsServer, services: ServiceFactory, room: str, stop: str
 ) -> None:
-    p = services("presence", nats_server)
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+    p = services("presence", fresh_nats)
+    g1, g2 = services("gateway", fresh_nats), services("gateway", fresh_nats)
     users = [await Client.open(g.ws_url, f"u{i}") for i, g in enumerate([g1, g2] * 3)]
     await asyncio.gather(*(c.join(room) for c in users))
     watcher = users[0]
     await watcher.wait(lambda _: len(events(watcher, room, "join")) == 5, 10, "5 joins")
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(fresh_nats.url)
     on_bus = await presence_on_bus(nc, room)
     if stop == "kill-9":
         p.kill()
     else:
         assert p.terminate() == 0
-    back = [services("presence", nats_server, wait=False) for _ in range(2)]
+    back = [services("presence", fresh_nats, wait=False) for _ in range(2)]
     for proc in back:
         proc.wait_ready()
     marker = await Client.open(g2.ws_url, "marker")
@@ -340,4 +341,25 @@ async def test_presence_restarted_with_nothing_changed_announces_nothing(
     assert [(e["type"], e["user"]) for e in on_bus] == [("join", "marker")]
     assert events(watcher, room, "leave") == []
     assert sum(proc.metric("roombus_presence_reconciled_total") for proc in back) == 0
+    await nc.close()
+
+
+async def test_first_start_with_members_already_present_announces_nothing_then_tracks_them(
+    fresh_nats: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    # Gateways ran before any presence service (or one without the announced-state bucket,
+    # an upgrade): their members were never announced by it, and are not now.
+    g = services("gateway", fresh_nats)
+    users = [await Client.open(g.ws_url, f"u{i}") for i in range(4)]
+    await asyncio.gather(*(c.join(room) for c in users))
+    nc = await nats.connect(fresh_nats.url)
+    on_bus = await presence_on_bus(nc, room)
+    p = services("presence", fresh_nats)
+    watcher = users[0]
+    assert await members(watcher, room) == ["u0", "u1", "u2", "u3"]
+    assert p.metric("roombus_presence_events_total", 'result="seeded"') == 4
+    # The seeded state is what later changes are announced against.
+    await users[3].close()
+    await watcher.wait(lambda _: events(watcher, room, "leave") == [("u3", 3)], 10, "u3 leaves")
+    assert [(e["type"], e["user"]) for e in on_bus] == [("leave", "u3")]
     await nc.close()

@@ -29,6 +29,19 @@ def small_nats(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
+@pytest.fixture
+def small_account(tmp_path: Path) -> Iterator[str]:
+    """The URL of an account whose JetStream may use 1 MiB (``max_file``) on a large server."""
+    conf = tmp_path / "account.conf"
+    conf.write_text(
+        f"accounts {{ APP: {{ jetstream: {{ max_file: {MAX_FILE_STORE}, max_mem: -1 }},"
+        " users: [{ user: app, password: app }] } }\n"
+    )
+    server = NatsServer(store_dir=tmp_path / "nats", config_file=conf).start()
+    yield f"nats://app:app@{server.host}:{server.port}"
+    server.stop()
+
+
 def exits_naming(proc: ServiceProc, setting: str) -> float:
     """Wait for ``proc`` to fail at start; its log must name ``setting``. Returns seconds."""
     started = time.monotonic()
@@ -53,6 +66,15 @@ def test_bounds_over_the_servers_max_file_store_stop_the_service_naming_the_sett
     # 300,000 for HISTORY + 2 x 200,000 for the presence buckets fit in 1 MiB.
     p = services("presence", small_nats, PRESENCE_MAX_BYTES=200_000)
     assert p.ready()
+
+
+def test_bounds_over_the_accounts_storage_limit_stop_the_service_naming_the_setting(
+    small_account: str, services: ServiceFactory
+) -> None:
+    h = services("history", small_account, wait=False)
+    exits_naming(h, "HISTORY_MAX_BYTES")
+    assert "over the account's JetStream storage (1 MiB" in h.log()
+    assert services("history", small_account, HISTORY_MAX_BYTES=300_000).ready()
 
 
 async def test_a_full_store_is_counted_and_logged_and_acks_resume_once_space_is_freed(
