@@ -144,13 +144,16 @@ async def check_storage_limits(
     limits = info.limits
     setting = _bound_setting(asset)
     unbounded = max_bytes is None or max_bytes < 0
-    if unbounded and (limits.max_storage >= 0 or limits.max_bytes_required):
+    if unbounded and limits.max_bytes_required:
         raise ProvisioningError(
-            asset,
-            f"it has no byte bound but the JetStream account limits storage to "
-            f"{_fmt_bytes(limits.max_storage)}: set {setting}.",
+            asset, f"it has no byte bound but the JetStream account requires one: set {setting}."
         )
     if unbounded:
+        if limits.max_storage >= 0:
+            log.warning(
+                "unbounded stream: it can fill the account's JetStream storage",
+                extra={"asset": asset, "max_storage": limits.max_storage},
+            )
         return
     assert max_bytes is not None
     if 0 <= limits.storage_max_stream_bytes < max_bytes:
@@ -283,10 +286,10 @@ async def ensure_kv(
 
 async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig, owner: bool) -> KeyValue:
     stream = f"KV_{config.bucket}"
-    await check_storage_limits(js, stream, config.max_bytes, config.replicas)
     try:
         kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
+        await check_storage_limits(js, stream, config.max_bytes, config.replicas)
         try:
             return await js.create_key_value(config)
         except APIError as exc:
@@ -323,6 +326,7 @@ async def _ensure_kv_limits(js: JetStreamContext, config: KeyValueConfig, owner:
             wanted = replace(wanted, max_bytes=config.max_bytes)
     if wanted is current:
         return
+    await check_storage_limits(js, stream, wanted.max_bytes, wanted.num_replicas or 1)
     try:
         await js.update_stream(wanted)
     except (BadRequestError, APIError) as exc:

@@ -75,6 +75,10 @@ def test_bounds_over_the_accounts_storage_limit_stop_the_service_naming_the_sett
     exits_naming(h, "HISTORY_MAX_BYTES")
     assert "over the account's JetStream storage (1 MiB" in h.log()
     assert services("history", small_account, HISTORY_MAX_BYTES=300_000).ready()
+    exits_naming(services("presence", small_account, wait=False), "PRESENCE_MAX_BYTES")
+    assert services("presence", small_account, PRESENCE_MAX_BYTES=200_000).ready()
+    # A gateway keeps the bound the presence service gave the bucket (its default would not fit).
+    assert services("gateway", small_account).ready()
 
 
 async def test_a_full_store_is_counted_and_logged_and_acks_resume_once_space_is_freed(
