@@ -16,8 +16,9 @@ class HistorySettings(ServiceSettings):
     """Seconds a message is kept (0 = forever)."""
     history_max_msgs_per_room: int = Field(default=100_000, ge=-1)
     """Messages kept per room; the oldest go first (-1 = unlimited)."""
-    history_max_bytes: int = Field(default=1024**3, ge=-1)
-    """Bytes the whole HISTORY stream may use (-1 = unlimited)."""
+    history_max_bytes: int = Field(default=1024**3, ge=1)
+    """Bytes the whole HISTORY stream may use; the oldest messages go first. JetStream reserves
+    them: the bounds of every stream and bucket must fit in the server's max_file_store."""
     history_replicas: int = Field(default=1, ge=1, le=5)
     """JetStream replicas of HISTORY: 1 on a single server, 3 on a cluster."""
     history_dedupe_window: float = Field(default=600, gt=0, le=86400)

@@ -2,10 +2,12 @@
 
 Gateways write ``room.user.gateway`` keys with a per-key TTL. Every replica watches the
 bucket and folds it into the same state, revision by revision. Before it emits the event
-of revision R, a replica claims R by creating key R in the ``presence_events`` bucket:
-exactly one replica wins, so each event goes out once however many replicas run, with no
-leader election and no failover gap. A (re)started replica folds the existing entries
-silently: no spurious leaves or joins.
+of revision R, a replica moves the (room, user) mark in the ``presence_announced`` bucket
+to the new state at R (compare-and-set, see ``ledger``): exactly one replica wins, so each
+event goes out once however many replicas run, with no leader election and no failover
+gap. A (re)started replica folds the existing entries, then diffs them against the marks
+and announces what changed while no replica was watching (a gateway that died, users who
+left or came): once each, and nothing when nothing changed.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from typing import Any
 import orjson
 from litestar import Litestar
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -29,16 +30,18 @@ from proto.bus import PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.svc import PresenceMembers, PresenceQuery, service_error
 from services.bus import Bus, connect
-from services.jetstream import ensure_kv, presence_bucket_config
+from services.jetstream import ensure_kv, note_storage_refusal, presence_bucket_config
 from services.logs import RateLimitedLog
 
 from . import metrics
+from .ledger import Ledger, ledger_config
 from .settings import PresenceSettings
 from .state import Rooms
 
 log = logging.getLogger("roombus.presence")
 
 KV_DELETES = ("DEL", "PURGE")
+PRESENCE_STREAM = f"KV_{subjects.PRESENCE_BUCKET}"
 
 
 class PresenceService:
@@ -46,7 +49,8 @@ class PresenceService:
         self.settings = settings
         self.state = Rooms()
         self._bus: Bus | None = None
-        self._claims: KeyValue | None = None
+        self._ledger: Ledger | None = None
+        self._seed = False
         self._synced = False
         self._badlog = RateLimitedLog(log)
         self._watch_task: asyncio.Task[None] | None = None
@@ -61,21 +65,18 @@ class PresenceService:
         self._bus = bus = await connect(self.settings, "presence")
         ttl = max(1, round(self.settings.presence_ttl))
         wait = self.settings.jetstream_wait
+        replicas, max_bytes = self.settings.presence_replicas, self.settings.presence_max_bytes
         kv = await ensure_kv(
-            bus.js, presence_bucket_config(self.settings.presence_replicas, ttl * 4), wait
+            bus.js, presence_bucket_config(replicas, ttl * 4, max_bytes), wait, owner=True
         )
-        self._claims = await ensure_kv(
-            bus.js,
-            KeyValueConfig(
-                bucket=subjects.PRESENCE_CLAIMS_BUCKET,
-                description="which presence replica emitted the event of a revision",
-                history=1,
-                ttl=300,
-                storage=StorageType.FILE,
-                replicas=self.settings.presence_replicas,
-            ),
-            wait,
-        )
+        try:
+            await bus.js.key_value(subjects.PRESENCE_ANNOUNCED_BUCKET)
+        except BucketNotFoundError:
+            # First start with a ledger (a new deployment, or an upgrade): record who is
+            # present without announcing them; they were announced when they came.
+            self._seed = True
+        ledger_kv = await ensure_kv(bus.js, ledger_config(replicas, max_bytes), wait, owner=True)
+        self._ledger = Ledger(bus.js, ledger_kv, absent_ttl=max(60.0, ttl * 20))
         bus.nc._reconnected_cb = self._chain_reconnect(bus.nc._reconnected_cb)
         self._watch_task = asyncio.create_task(self._watch_forever(kv), name="presence-watch")
         await bus.nc.subscribe(
@@ -115,18 +116,28 @@ class PresenceService:
             if watch in done and watch.exception() is None:
                 continue
             if watch in done:
-                log.warning("presence watch failed", extra={"error": repr(watch.exception())})
+                exc = watch.exception()
+                if exc is None or not note_storage_refusal(
+                    f"KV_{subjects.PRESENCE_ANNOUNCED_BUCKET}", exc
+                ):
+                    self._badlog.warning("watch_failed", "presence watch failed", error=repr(exc))
+                # Watching again folds the bucket and diffs it against what was announced:
+                # whatever this failure kept from being announced goes out then.
                 await asyncio.sleep(1)
 
     async def _watch(self, kv: KeyValue) -> None:
+        assert self._bus is not None
         fresh = Rooms()
         initial = True
+        # Every revision up to here is in the initial fold: the fold is the state as of it.
+        folded_rev = (await self._bus.js.stream_info(PRESENCE_STREAM)).state.last_seq or 0
         watcher = await kv.watchall()
         try:
             async for entry in watcher:
-                if entry is None:  # the current state is folded: from here on, live
+                if entry is None:  # the current state is folded: announce the difference
                     initial = False
                     self.state = fresh
+                    await self._reconcile(fresh, folded_rev)
                     self._synced = True
                     metrics.ROOMS.set(len(fresh.rooms))
                     log.info("presence state loaded", extra={"rooms": len(fresh.rooms)})
@@ -143,19 +154,40 @@ class PresenceService:
                     change = target.remove(room, user, gateway)
                 else:
                     change = target.put(room, user, gateway)
-                if change is not None and not initial and entry.revision is not None:
+                if initial:
+                    folded_rev = max(folded_rev, entry.revision or 0)
+                elif change is not None and entry.revision is not None:
                     await self._emit(change, room, user, entry.revision)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    async def _emit(self, kind: str, room: str, user: str, revision: int) -> None:
-        assert self._claims is not None and self._bus is not None
-        try:
-            await self._claims.create(f"r{revision}", b"")
-        except KeyWrongLastSequenceError:
+    async def _reconcile(self, state: Rooms, rev: int) -> None:
+        """Announce the joins and leaves between the last announced state and ``state``."""
+        assert self._ledger is not None
+        announced = await self._ledger.present()
+        live = {(room, user) for room, users in state.rooms.items() for user in users}
+        seed, self._seed = self._seed, False
+        changes = [("leave", key) for key in sorted(announced.keys() - live)]
+        changes += [("join", key) for key in sorted(live - announced.keys())]
+        for kind, (room, user) in changes:
+            if seed:
+                await self._ledger.claim(room, user, kind == "join", rev)
+                metrics.EVENTS.labels(kind, "seeded").inc()
+            elif await self._emit(kind, room, user, rev):
+                metrics.RECONCILED.labels(kind).inc()
+        if changes:
+            log.info(
+                "presence reconciled with the announced state",
+                extra={"changes": len(changes), "seeded": seed, "revision": rev},
+            )
+
+    async def _emit(self, kind: str, room: str, user: str, revision: int) -> bool:
+        """Announce ``kind`` unless another replica did (or a newer revision is recorded)."""
+        assert self._ledger is not None and self._bus is not None
+        if not await self._ledger.claim(room, user, kind == "join", revision):
             metrics.EVENTS.labels(kind, "claimed_elsewhere").inc()
-            return
+            return False
         event = PresenceEvent(
             type="join" if kind == "join" else "leave",
             room=room,
@@ -167,6 +199,7 @@ class PresenceService:
             subjects.room_presence(room), orjson.dumps(event.model_dump(mode="json"))
         )
         metrics.EVENTS.labels(kind, "emitted").inc()
+        return True
 
     # -- queries ----------------------------------------------------------------------
     async def on_query(self, msg: Msg) -> None:

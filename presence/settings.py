@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from services.jetstream import PRESENCE_MAX_BYTES_DEFAULT
 from services.settings import ServiceSettings
 
 
@@ -16,3 +17,6 @@ class PresenceSettings(ServiceSettings):
     """The gateways' key TTL (must match theirs); sets how long delete markers are kept."""
     presence_replicas: int = Field(default=1, ge=1, le=5)
     """JetStream replicas of the presence bucket: 1 on a single server, 3 on a cluster."""
+    presence_max_bytes: int = Field(default=PRESENCE_MAX_BYTES_DEFAULT, ge=64 * 1024)
+    """Bytes each of the presence and presence_announced buckets may use (JetStream reserves
+    them: every bound must fit in the server's max_file_store)."""

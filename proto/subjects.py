@@ -29,8 +29,7 @@ BRIDGE_QUEUE = "bridge"
 
 HISTORY_STREAM = "HISTORY"
 PRESENCE_BUCKET = "presence"
-PRESENCE_CLAIMS_BUCKET = "presence_events"
-CLIENT_IDS_BUCKET = "client_ids"
+PRESENCE_ANNOUNCED_BUCKET = "presence_announced"
 
 
 def room_message(room: str) -> str:
@@ -156,6 +155,22 @@ def parse_presence_key(key: str) -> tuple[str, str, str] | None:
         return None
     try:
         return check_name(parts[0]), check_name(parts[1]), check_name(parts[2])
+    except ValueError:
+        return None
+
+
+def presence_member_key(room: str, user: str) -> str:
+    """Key of one user's announced membership of one room in the presence_announced bucket."""
+    return f"{check_name(room, 'room')}.{check_name(user, 'user')}"
+
+
+def parse_presence_member_key(key: str) -> tuple[str, str] | None:
+    """(room, user) of a presence_announced key, or None when it is not one."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        return None
+    try:
+        return check_name(parts[0]), check_name(parts[1])
     except ValueError:
         return None
 

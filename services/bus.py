@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
+from .jetstream import note_storage_refusal
 from .settings import NatsSettings
 
 log = logging.getLogger("roombus.bus")
@@ -62,7 +63,10 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
     async def error_cb(exc: Exception) -> None:
         kind = type(exc).__name__
         NATS_ERRORS.labels(kind).inc()
-        log.warning("nats error", extra={"error": repr(exc)[:300], "kind": kind})
+        # nats-py hands the error of an async publish's ack (a full store) only to this
+        # callback, its future never resolves: say why here, the publisher sees a timeout.
+        if not note_storage_refusal(None, exc):
+            log.warning("nats error", extra={"error": repr(exc)[:300], "kind": kind})
 
     async def disconnected_cb() -> None:
         NATS_CONNECTED.set(0)

@@ -21,17 +21,154 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 from nats.js.kv import KeyValue
+from prometheus_client import Counter
 
 from proto import subjects
+
+from .logs import RateLimitedLog
 
 log = logging.getLogger("roombus.jetstream")
 T = TypeVar("T")
 
+STORAGE_REFUSED = Counter(
+    "roombus_jetstream_storage_refused_total",
+    "writes JetStream refused for lack of space (reason: server = its store is full, "
+    "bound = the stream's own byte bound is reached)",
+    ["asset", "reason"],
+)
+_storage_log = RateLimitedLog(log, interval=10.0)
 
 REPLICAS_ADVICE = (
     "Replicas must be 1 on a single nats-server and at most the number of JetStream nodes "
     "of a cluster (3 on the usual three-node cluster): fix the service's *_REPLICAS setting."
 )
+
+PRESENCE_MAX_BYTES_DEFAULT = 64 * 1024**2
+"""Byte bound of each presence bucket when the presence service has not set its own."""
+
+# The setting that sets each asset's byte bound: what a storage error tells the operator to
+# change. Every stream and bucket roombus creates is bounded, so JetStream reserves its
+# bytes when it is created: a bound that does not fit fails at start, not when the disk is
+# full.
+BOUND_SETTINGS: dict[str, str] = {
+    subjects.HISTORY_STREAM: "HISTORY_MAX_BYTES",
+    # The gateways create it too, with the default bound, when they start first.
+    f"KV_{subjects.PRESENCE_BUCKET}": "PRESENCE_MAX_BYTES (presence service; start it first)",
+    f"KV_{subjects.PRESENCE_ANNOUNCED_BUCKET}": "PRESENCE_MAX_BYTES",
+}
+
+# JetStream API error codes (nats-server's errors.json).
+ERR_INSUFFICIENT_STORAGE = 10047  # "insufficient storage resources available" (reservation)
+ERR_INSUFFICIENT_RESOURCES = 10023  # "insufficient resources": the server's store is full
+ERR_MAX_BYTES = 10077  # "maximum bytes exceeded": a DiscardNew stream at its own bound
+ERR_NO_PEERS = 10005  # "no suitable peers for placement"
+ERR_REPLICAS_UNSUPPORTED = 10074  # "replicas > 1 not supported in non-clustered mode"
+
+
+def _bound_setting(asset: str) -> str:
+    return BOUND_SETTINGS.get(asset, "its max_bytes")
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None or n < 0:
+        return "unlimited"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.4g} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def _refusal_advice(asset: str, max_bytes: int | None, exc: APIError) -> str:
+    """What to change when JetStream refuses to create or resize ``asset``."""
+    if exc.err_code in (ERR_INSUFFICIENT_STORAGE, ERR_INSUFFICIENT_RESOURCES):
+        return (
+            f"JetStream cannot reserve {_fmt_bytes(max_bytes)} for it: the bounds of every "
+            "stream and bucket must fit in the server's max_file_store (and the account's "
+            f"max_storage). Lower {_bound_setting(asset)}, or give JetStream more storage."
+        )
+    return REPLICAS_ADVICE
+
+
+def storage_refusal(exc: BaseException) -> str | None:
+    """``"server"`` when a write failed because JetStream's store is full, ``"bound"`` when
+    the stream is at its own byte bound (and refuses new messages), else None."""
+    if isinstance(exc, APIError):
+        if exc.err_code == ERR_INSUFFICIENT_RESOURCES:
+            return "server"
+        if exc.err_code == ERR_MAX_BYTES:
+            return "bound"
+    return None
+
+
+def note_storage_refusal(asset: str | None, exc: BaseException) -> bool:
+    """Count and log (rate-limited) a write refused for lack of space; False for other errors.
+
+    ``asset`` is the stream written to, None when unknown (the error of an async publish
+    reaches only the connection's error callback). The log line says why and what to
+    change, so "acks stopped" is never a mystery.
+    """
+    reason = storage_refusal(exc)
+    if reason is None:
+        return False
+    name = asset or "unknown"
+    STORAGE_REFUSED.labels(name, reason).inc()
+    if reason == "server":
+        advice = (
+            "JetStream's store is full (its max_file_store, or the disk): something outside "
+            "the bounds it reserved for roombus's streams uses the space. Free it, or raise "
+            "max_file_store; writes resume by themselves once there is room."
+        )
+    else:
+        advice = f"{name} is at its byte bound: raise {_bound_setting(name)}."
+    _storage_log.warning(
+        f"storage_{reason}_{name}",
+        "JetStream refused a write: no space",
+        asset=name,
+        reason=reason,
+        advice=advice,
+        error=getattr(exc, "description", None) or repr(exc),
+    )
+    return True
+
+
+async def check_storage_limits(
+    js: JetStreamContext, asset: str, max_bytes: int | None, replicas: int
+) -> None:
+    """Fail at start, naming the setting, when ``asset``'s bound breaks the account's limits.
+
+    The account's limits (``max_storage``, ``max_bytes_required``, the per-stream maximum)
+    are what ``$JS.API.INFO`` reports; the server's own ``max_file_store`` is not, so a bound
+    over it is caught when the server refuses the reservation (see ``_refusal_advice``).
+    """
+    info = await js.account_info()
+    limits = info.limits
+    setting = _bound_setting(asset)
+    unbounded = max_bytes is None or max_bytes < 0
+    if unbounded and limits.max_bytes_required:
+        raise ProvisioningError(
+            asset, f"it has no byte bound but the JetStream account requires one: set {setting}."
+        )
+    if unbounded:
+        if limits.max_storage >= 0:
+            log.warning(
+                "unbounded stream: it can fill the account's JetStream storage",
+                extra={"asset": asset, "max_storage": limits.max_storage},
+            )
+        return
+    assert max_bytes is not None
+    if 0 <= limits.storage_max_stream_bytes < max_bytes:
+        raise ProvisioningError(
+            asset,
+            f"{setting}={max_bytes} is over the account's largest stream "
+            f"({_fmt_bytes(limits.storage_max_stream_bytes)}): lower {setting}.",
+        )
+    if 0 <= limits.max_storage < max_bytes * replicas:
+        raise ProvisioningError(
+            asset,
+            f"{setting}={max_bytes} x {replicas} replicas is over the account's JetStream "
+            f"storage ({_fmt_bytes(limits.max_storage)}, {_fmt_bytes(info.storage)} in use): "
+            f"lower {setting}.",
+        )
 
 
 class ProvisioningError(RuntimeError):
@@ -92,6 +229,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, wait: float 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     name = config.name
     assert name is not None
+    await check_storage_limits(js, name, config.max_bytes, config.num_replicas or 1)
     try:
         info = await js.stream_info(name)
     except NotFoundError:
@@ -100,8 +238,9 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         except (BadRequestError, APIError) as exc:
             raise ProvisioningError(
                 name,
-                f"cannot create it with replicas={config.num_replicas} ({exc.description}). "
-                + REPLICAS_ADVICE,
+                f"cannot create it with replicas={config.num_replicas}, max_bytes="
+                f"{config.max_bytes} ({exc.description}). "
+                + _refusal_advice(name, config.max_bytes, exc),
             ) from exc
         log.info("stream created", extra={"stream": name})
         return
@@ -117,28 +256,40 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         raise ProvisioningError(
             name,
             f"cannot update to the configured settings ({exc.description}). Current: "
-            f"replicas={current.num_replicas}, storage={current.storage}. "
-            + (REPLICAS_ADVICE + " " if current.num_replicas != config.num_replicas else "")
+            f"replicas={current.num_replicas}, max_bytes={current.max_bytes}, "
+            f"storage={current.storage}. "
+            + (
+                _refusal_advice(name, config.max_bytes, exc) + " "
+                if exc.err_code in (ERR_INSUFFICIENT_STORAGE, ERR_INSUFFICIENT_RESOURCES)
+                or current.num_replicas != config.num_replicas
+                else ""
+            )
             + "Change the setting back, or migrate: `nats stream edit` / `nats stream backup` "
             "then recreate.",
         ) from exc
     log.info("stream up to date", extra={"stream": name})
 
 
-async def ensure_kv(js: JetStreamContext, config: KeyValueConfig, wait: float = 60.0) -> KeyValue:
+async def ensure_kv(
+    js: JetStreamContext, config: KeyValueConfig, wait: float = 60.0, *, owner: bool = False
+) -> KeyValue:
     """The bucket ``config.bucket``, created when missing.
 
     An existing bucket keeps its data and settings, except its replica count, which is
-    brought to ``config.replicas`` (R1 -> R3 when a deployment moves onto a cluster).
+    brought to ``config.replicas`` (R1 -> R3 when a deployment moves onto a cluster), and its
+    byte bound: an unbounded bucket gets ``config.max_bytes``, and the bucket's ``owner``
+    (the service whose setting sets the bound) brings it to ``config.max_bytes``.
     While JetStream is not ready yet, retries for up to ``wait`` seconds.
     """
-    return await _retrying(f"KV_{config.bucket}", wait, lambda: _ensure_kv(js, config))
+    return await _retrying(f"KV_{config.bucket}", wait, lambda: _ensure_kv(js, config, owner))
 
 
-async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig, owner: bool) -> KeyValue:
+    stream = f"KV_{config.bucket}"
     try:
         kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
+        await check_storage_limits(js, stream, config.max_bytes, config.replicas)
         try:
             return await js.create_key_value(config)
         except APIError as exc:
@@ -146,26 +297,45 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
                 kv = await js.key_value(config.bucket)
             except BucketNotFoundError:
                 raise ProvisioningError(
-                    f"KV_{config.bucket}",
-                    f"cannot create bucket {config.bucket!r} with replicas={config.replicas}"
-                    f" ({exc.description}). {REPLICAS_ADVICE}",
+                    stream,
+                    f"cannot create bucket {config.bucket!r} with replicas={config.replicas}, "
+                    f"max_bytes={config.max_bytes} ({exc.description}). "
+                    + _refusal_advice(stream, config.max_bytes, exc),
                 ) from exc
-    await _ensure_kv_replicas(js, config)
+    await _ensure_kv_limits(js, config, owner)
     return kv
 
 
-async def _ensure_kv_replicas(js: JetStreamContext, config: KeyValueConfig) -> None:
+async def _ensure_kv_limits(js: JetStreamContext, config: KeyValueConfig, owner: bool) -> None:
     stream = f"KV_{config.bucket}"
     current = (await js.stream_info(stream)).config
-    if current.num_replicas == config.replicas:
+    wanted = current
+    if current.num_replicas != config.replicas:
+        log.info(
+            "bucket replica count changes",
+            extra={"bucket": config.bucket, "from": current.num_replicas, "to": config.replicas},
+        )
+        wanted = replace(wanted, num_replicas=config.replicas)
+    unbounded = current.max_bytes is None or current.max_bytes < 0
+    if config.max_bytes is not None and current.max_bytes != config.max_bytes:
+        if owner or unbounded:
+            log.info(
+                "bucket byte bound changes",
+                extra={"bucket": config.bucket, "from": current.max_bytes, "to": config.max_bytes},
+            )
+            wanted = replace(wanted, max_bytes=config.max_bytes)
+    if wanted is current:
         return
-    log.info(
-        "bucket replica count changes",
-        extra={"bucket": config.bucket, "from": current.num_replicas, "to": config.replicas},
-    )
+    await check_storage_limits(js, stream, wanted.max_bytes, wanted.num_replicas or 1)
     try:
-        await js.update_stream(replace(current, num_replicas=config.replicas))
+        await js.update_stream(wanted)
     except (BadRequestError, APIError) as exc:
+        if exc.err_code in (ERR_INSUFFICIENT_STORAGE, ERR_INSUFFICIENT_RESOURCES):
+            raise ProvisioningError(
+                stream,
+                f"bucket {config.bucket!r} cannot grow to max_bytes={config.max_bytes} "
+                f"({exc.description}). " + _refusal_advice(stream, config.max_bytes, exc),
+            ) from exc
         raise ProvisioningError(
             stream,
             f"bucket {config.bucket!r} has replicas={current.num_replicas} and cannot be "
@@ -175,7 +345,9 @@ async def _ensure_kv_replicas(js: JetStreamContext, config: KeyValueConfig) -> N
         ) from exc
 
 
-def presence_bucket_config(replicas: int, marker_ttl: float) -> KeyValueConfig:
+def presence_bucket_config(
+    replicas: int, marker_ttl: float, max_bytes: int = PRESENCE_MAX_BYTES_DEFAULT
+) -> KeyValueConfig:
     """The ``presence`` bucket, identical for the gateways (writers) and presence (reader).
 
     Keys carry a per-key TTL (``Nats-TTL``); ``limit_marker_ttl`` makes the server write a
@@ -189,4 +361,5 @@ def presence_bucket_config(replicas: int, marker_ttl: float) -> KeyValueConfig:
         storage=StorageType.FILE,
         replicas=replicas,
         limit_marker_ttl=marker_ttl,
+        max_bytes=max_bytes,
     )

@@ -39,7 +39,7 @@ from tests.support.stored import stored_messages
 R3 = {"HISTORY_REPLICAS": 3, "PRESENCE_REPLICAS": 3}
 PACE = 0.04  # seconds between two sends of one sender: 4 senders, ~100 messages/s
 HISTORY = "HISTORY"
-STREAMS = (HISTORY, "KV_presence", "KV_presence_events")
+STREAMS = (HISTORY, "KV_presence", "KV_presence_announced")
 
 
 @dataclass

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.errors import NoKeysError
 
 from tests.conftest import ServiceFactory
 from tests.support.client import Client
@@ -216,3 +221,145 @@ async def test_without_presence_service_joining_still_works(
     await c.send("presence", room=room)
     await c.error("unavailable")
     await asyncio.sleep(0)
+
+
+async def bucket_members(nc: NATS, room: str) -> set[str]:
+    """The users the presence bucket holds for ``room`` now (live keys, any gateway)."""
+    kv = await nc.jetstream().key_value("presence")
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return set()
+    return {k.split(".")[1] for k in keys if k.startswith(f"{room}.")}
+
+
+async def until_async(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def presence_on_bus(nc: NATS, room: str) -> list[dict[str, Any]]:
+    """Every join/leave the bus carries for ``room`` from now on (appended as they come)."""
+    seen: list[dict[str, Any]] = []
+
+    async def collect(msg: Msg) -> None:
+        seen.append(json.loads(msg.data))
+
+    await nc.subscribe(f"room.{room}.presence", cb=collect)
+    await nc.flush()
+    return seen
+
+
+async def test_changes_made_while_presence_was_down_are_announced_once_after_its_restart(
+    fresh_nats: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    ttl = 2
+    p = services("presence", fresh_nats, PRESENCE_TTL=ttl)
+    g1 = services("gateway", fresh_nats, PRESENCE_TTL=ttl)
+    g2 = services("gateway", fresh_nats, PRESENCE_TTL=ttl)
+    watcher = await Client.open(g1.ws_url, "watcher")
+    await watcher.join(room)
+    leavers = [await Client.open(g1.ws_url, f"l{i}") for i in range(5)]
+    doomed = [await Client.open(g2.ws_url, f"d{i}") for i in range(10)]
+    await asyncio.gather(*(c.join(room) for c in leavers + doomed))
+    await watcher.wait(lambda _: len(events(watcher, room, "join")) == 15, 15, "15 joins")
+    nc = await nats.connect(fresh_nats.url)
+    on_bus = await presence_on_bus(nc, room)
+
+    assert p.terminate() == 0  # presence is down from here...
+    g2.kill()  # ...while a gateway dies without a goodbye (its 10 users expire),
+    for c in leavers:  # 5 users leave
+        await c.close()
+    comers = [await Client.open(g1.ws_url, f"n{i}") for i in range(5)]
+    await asyncio.gather(*(c.join(room) for c in comers))  # and 5 come
+    after = {"watcher"} | {c.user for c in comers}
+
+    async def settled() -> bool:
+        return await bucket_members(nc, room) == after
+
+    await until_async(settled, 6 * ttl + 10, "the bucket to settle")
+    assert on_bus == []  # nobody announced anything meanwhile
+
+    # Two replicas come back at once: each change goes out once, by one of them.
+    restarted = time.monotonic()
+    back = [services("presence", fresh_nats, PRESENCE_TTL=ttl, wait=False) for _ in range(2)]
+    for proc in back:
+        proc.wait_ready()
+    await watcher.wait(
+        lambda _: (
+            len(events(watcher, room, "leave")) >= 15 and len(events(watcher, room, "join")) >= 20
+        ),
+        15,
+        "15 leaves and 5 joins",
+    )
+    print(f"20 missed changes announced {time.monotonic() - restarted:.2f}s after the restart")
+    # A live change after them: once it is here, anything else would have been too.
+    marker = await Client.open(g1.ws_url, "marker")
+    await marker.join(room)
+    await watcher.wait(lambda _: ("marker", 7) in events(watcher, room, "join"), 10, "marker")
+
+    left = sorted(u for u, _ in events(watcher, room, "leave"))
+    assert left == sorted([c.user for c in leavers] + [c.user for c in doomed])
+    joined = [u for u, _ in events(watcher, room, "join")][15:]
+    assert sorted(joined) == sorted([c.user for c in comers] + ["marker"])
+    assert all(count == 6 for _, count in events(watcher, room, "leave"))
+    kinds = sorted((e["type"], e["user"]) for e in on_bus)
+    assert kinds == sorted([("leave", u) for u in left] + [("join", u) for u in joined]), (
+        "each change once on the bus"
+    )
+    # Its own server: no other test's room is reconciled in the count.
+    assert sum(proc.metric("roombus_presence_reconciled_total") for proc in back) == 20
+    assert await members(watcher, room) == sorted(after | {"marker"})
+    await nc.close()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "kill-9"])
+async def test_presence_restarted_with_nothing_changed_announces_nothing(
+    fresh_nats: NatsServer, services: ServiceFactory, room: str, stop: str
+) -> None:
+    p = services("presence", fresh_nats)
+    g1, g2 = services("gateway", fresh_nats), services("gateway", fresh_nats)
+    users = [await Client.open(g.ws_url, f"u{i}") for i, g in enumerate([g1, g2] * 3)]
+    await asyncio.gather(*(c.join(room) for c in users))
+    watcher = users[0]
+    await watcher.wait(lambda _: len(events(watcher, room, "join")) == 5, 10, "5 joins")
+    nc = await nats.connect(fresh_nats.url)
+    on_bus = await presence_on_bus(nc, room)
+    if stop == "kill-9":
+        p.kill()
+    else:
+        assert p.terminate() == 0
+    back = [services("presence", fresh_nats, wait=False) for _ in range(2)]
+    for proc in back:
+        proc.wait_ready()
+    marker = await Client.open(g2.ws_url, "marker")
+    await marker.join(room)
+    await watcher.wait(lambda _: ("marker", 7) in events(watcher, room, "join"), 10, "marker")
+    assert [(e["type"], e["user"]) for e in on_bus] == [("join", "marker")]
+    assert events(watcher, room, "leave") == []
+    assert sum(proc.metric("roombus_presence_reconciled_total") for proc in back) == 0
+    await nc.close()
+
+
+async def test_first_start_with_members_already_present_announces_nothing_then_tracks_them(
+    fresh_nats: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    # Gateways ran before any presence service (or one without the announced-state bucket,
+    # an upgrade): their members were never announced by it, and are not now.
+    g = services("gateway", fresh_nats)
+    users = [await Client.open(g.ws_url, f"u{i}") for i in range(4)]
+    await asyncio.gather(*(c.join(room) for c in users))
+    nc = await nats.connect(fresh_nats.url)
+    on_bus = await presence_on_bus(nc, room)
+    p = services("presence", fresh_nats)
+    watcher = users[0]
+    assert await members(watcher, room) == ["u0", "u1", "u2", "u3"]
+    assert p.metric("roombus_presence_events_total", 'result="seeded"') == 4
+    # The seeded state is what later changes are announced against.
+    await users[3].close()
+    await watcher.wait(lambda _: events(watcher, room, "leave") == [("u3", 3)], 10, "u3 leaves")
+    assert [(e["type"], e["user"]) for e in on_bus] == [("leave", "u3")]
+    await nc.close()
