@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from services import extras
 from services.settings import ServiceSettings
 
 
@@ -101,4 +102,7 @@ class GatewaySettings(ServiceSettings):
     def _auth_keys(self) -> GatewaySettings:
         if self.roombus_auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
             raise ValueError("ROOMBUS_AUTH=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256)")
+        if self.jwt_public_key and not extras.available("cryptography"):
+            # PyJWT would only fail at the first token ("Algorithm not supported"): say it now.
+            raise ValueError(extras.message("cryptography", "JWT_PUBLIC_KEY (RS256 tokens)"))
         return self

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .extras import available, message
 from .natsserver import NatsCluster, NatsServer, die_with_parent
 from .ports import free_port, port_free
 
@@ -217,6 +218,8 @@ def add_bridge_if_redis(children: list[Child], py: list[str], env: dict[str, str
     url = env.get("REDIS_URL", "redis://127.0.0.1:6379")
     scheme, sep, rest = url.partition("://")
     shown = f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url  # no password
+    if not available("redis"):
+        return f"  bridge:    off ({message('redis', 'the bridge')})\n"
     try:
         import redis
 
