@@ -19,12 +19,12 @@ UV_COMPILE = $(LOCKENV)/bin/uv pip compile --quiet --universal --python-version 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
+# The project itself goes in last: editable, with no dependency resolution (the lock did that),
+# built with the locked setuptools (no unpinned build environment).
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
-	# The project itself, editable, with no dependency resolution (the lock did that) and
-	# built with the locked setuptools (no unpinned build environment).
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
