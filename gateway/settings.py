@@ -91,8 +91,9 @@ class GatewaySettings(ServiceSettings):
     presence_ttl: float = Field(default=15.0, ge=1, le=3600)
     """Seconds a gateway's presence keys live without a refresh: a dead gateway's users leave
     their rooms within about this time (refreshed every third of it)."""
-    presence_replicas: int = Field(default=1, ge=1, le=5)
-    """JetStream replicas of the presence bucket (must match the presence service's)."""
+    presence_replicas: int | None = Field(default=None, ge=1, le=5)
+    """JetStream replicas of the presence bucket (as the presence service's; unset: min(3,
+    the cluster's size as the server reports it), never lowering an existing bucket's)."""
     typing_interval: float = Field(default=1.0, ge=0.1, le=60)
     """Seconds between two ``typing`` signals a connection may send for one room."""
     dedupe_window: int = Field(default=65_536, ge=1024, le=10_000_000)

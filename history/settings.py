@@ -18,8 +18,9 @@ class HistorySettings(ServiceSettings):
     """Messages kept per room; the oldest go first (-1 = unlimited)."""
     history_max_bytes: int = Field(default=1024**3, ge=-1)
     """Bytes the whole HISTORY stream may use (-1 = unlimited)."""
-    history_replicas: int = Field(default=1, ge=1, le=5)
-    """JetStream replicas of HISTORY: 1 on a single server, 3 on a cluster."""
+    history_replicas: int | None = Field(default=None, ge=1, le=5)
+    """JetStream replicas of HISTORY; unset: min(3, the cluster's size as the server reports
+    it), so 1 on a single server, never lowering an existing stream's."""
     history_dedupe_window: float = Field(default=600, gt=0, le=86400)
     """Seconds JetStream remembers message ids: a retry inside it is never stored twice."""
     history_inflight: int = Field(default=1024, ge=1, le=100_000)

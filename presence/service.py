@@ -29,7 +29,7 @@ from proto.bus import PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.svc import PresenceMembers, PresenceQuery, service_error
 from services.bus import Bus, connect
-from services.jetstream import ensure_kv, presence_bucket_config
+from services.jetstream import REPLICAS_DEFAULT, ensure_kv, presence_bucket_config
 from services.logs import RateLimitedLog
 
 from . import metrics
@@ -72,7 +72,7 @@ class PresenceService:
                 history=1,
                 ttl=300,
                 storage=StorageType.FILE,
-                replicas=self.settings.presence_replicas,
+                replicas=self.settings.presence_replicas or REPLICAS_DEFAULT,
             ),
             wait,
         )

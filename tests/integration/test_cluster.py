@@ -392,6 +392,16 @@ async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_p
     assert (await replicas(nats_cluster.urls, HISTORY))[HISTORY] == 3
 
 
+async def test_unset_replicas_default_to_three_on_a_three_node_cluster(
+    nats_cluster: NatsCluster, services: ServiceFactory
+) -> None:
+    # No *_REPLICAS anywhere: the services ask the server how big its cluster is.
+    services("history", nats_cluster)
+    services("presence", nats_cluster)
+    services("gateway", nats_cluster)
+    await wait_replicas(nats_cluster.urls, {HISTORY: 3, "KV_presence": 3, "KV_presence_events": 3})
+
+
 async def test_replicas_above_1_on_a_single_server_is_a_clear_error(
     fresh_nats: NatsServer, services: ServiceFactory
 ) -> None:
