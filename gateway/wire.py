@@ -84,6 +84,7 @@ def uvicorn_problem(version: str | None = None, base: Any = None) -> str | None:
         return f"uvicorn {version}'s protocol lacks {', '.join(missing)}; {fix}"
     return None
 
+
 SCOPE_KEY = "roombus.wire"
 """The key in the ASGI scope's ``extensions`` under which the protocol offers itself."""
 
