@@ -264,7 +264,7 @@ async def test_standby_replica_takes_over_when_the_active_one_dies(
         await old_server.wait_texts(["ws after failover"])
     # A clean stop hands the lease over at once.
     fresh = services("bridge", nats_server, REDIS_URL=redis_server.url, BRIDGE_LEASE_TTL=1.5)
-    assert standby.terminate() == 0
+    assert await asyncio.to_thread(standby.terminate) == 0
     # Handed over, not expired: the stopping replica deleted its lease.
     assert "lease released" in standby.log(), standby.log()
     await until(lambda: readyz(fresh)["active"], 10, "the lease to pass on after SIGTERM")
@@ -288,7 +288,7 @@ async def test_bridge_recovers_when_redis_server_restarts(
     await c.send("chat.message", room=room, text="while down")
     await c.wait_texts(["while down"], room)
 
-    redis_server.start()  # same port
+    await asyncio.to_thread(redis_server.start)  # same port
     await until(bridge.ready, 20, "the bridge to reconnect to Redis")
     await until(lambda: readyz(bridge)["active"], 10, "the bridge to hold the lease again")
     async with redis_room(redis_server, room) as old_server:
@@ -305,10 +305,10 @@ async def test_bridge_recovers_when_nats_server_restarts(
     fresh_nats: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
     (bridge,) = await start_bridges(services, fresh_nats, redis_server)
-    fresh_nats.stop()
+    await asyncio.to_thread(fresh_nats.stop)
     await until(lambda: not bridge.ready(), 10, "/readyz to report NATS down")
     assert readyz(bridge)["nats"] is False
-    fresh_nats.start()  # same port
+    await asyncio.to_thread(fresh_nats.start)  # same port
     await until(bridge.ready, 20, "the bridge to reconnect to NATS")
     g = gateway(services, fresh_nats)
     c = await Client.open(g.ws_url, "c")

@@ -261,7 +261,7 @@ async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
 
     # The node comes back and catches up: its own replica's state matches the leader's.
     t_back = time.monotonic()
-    victim.start()
+    await asyncio.to_thread(victim.start)
     want = local_stream_state(nats_cluster.node(leader), HISTORY)
     assert want is not None and want["messages"] >= acked
 
@@ -370,7 +370,7 @@ async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_p
     await c.next("ack", client_id="k1")
     await c.close()
     for proc in first:
-        assert proc.terminate() == 0
+        assert await asyncio.to_thread(proc.terminate) == 0
     assert set((await replicas(nats_cluster.urls, *STREAMS)).values()) == {1}
 
     # Moving onto R3: the same stream and buckets, updated in place, data kept.
