@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            print(f"roombus {command}: setting {field.upper()}: {err['msg']}", file=sys.stderr)
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f"setting {field.upper()}: " if field else ""  # model checks name theirs
+            print(f"roombus {command}: {where}{msg}", file=sys.stderr)
         return 2
     try:
         run = cast(Callable[[ServiceSettings], None], _load(run_ref))

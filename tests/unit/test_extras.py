@@ -40,3 +40,16 @@ def test_require_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(extras, "available", lambda module: False)
     with pytest.raises(extras.MissingExtraError, match=r"pip install 'roombus\[bridge\]'"):
         extras.require("redis", "the bridge")
+
+
+def test_the_cli_prints_the_missing_extra_as_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(extras, "available", lambda module: module != "cryptography")
+    monkeypatch.setenv("ROOMBUS_AUTH", "jwt")
+    monkeypatch.setenv("JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----")
+    assert cli.main(["gateway"]) == 2
+    assert capsys.readouterr().err == (
+        "roombus gateway: JWT_PUBLIC_KEY (RS256 tokens) needs the 'cryptography' package, which"
+        " is not installed: pip install 'roombus[rs256]' (or install it with your requirements)\n"
+    )
