@@ -1,15 +1,9 @@
 # One image for every roombus service: `docker run IMAGE roombus gateway|history|presence|bridge`.
 #
-# The build stage makes a venv with the pinned dependencies (a layer cached until the pins
-# change), then installs the project itself. The final stage is a fresh python:3.11-slim with
-# only that venv: no pip, no pip cache, no build tree, no compiler; a non-root user.
-
-# The pinned dependencies as a requirements file: its content, not pyproject.toml's, decides
-# whether the (slow) dependency layer below is rebuilt.
-FROM python:3.11-slim AS requirements
-COPY pyproject.toml /src/
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /requirements.txt
-
+# The build stage makes a venv with the locked dependencies (a layer cached until the lock
+# changes), then installs the project itself. The final stage is a fresh python:3.11-slim with
+# only that venv: no pip, no setuptools, no pip cache, no build tree, no compiler; a non-root
+# user.
 
 FROM python:3.11-slim AS build
 
@@ -20,13 +14,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/roombus \
  && /opt/roombus/bin/pip install --upgrade pip==25.3
 
-COPY --from=requirements /requirements.txt /tmp/requirements.txt
-RUN /opt/roombus/bin/pip install -r /tmp/requirements.txt
+# requirements.lock (`make lock`): every package of the tree pinned with its hashes, the bridge
+# and rs256 extras included (the compose stack runs the bridge). Its content alone decides
+# whether this (slow) layer is rebuilt; a package whose hash differs is refused.
+COPY requirements.lock /tmp/requirements.lock
+RUN /opt/roombus/bin/pip install --require-hashes -r /tmp/requirements.lock
 
 WORKDIR /src
 COPY . .
-RUN /opt/roombus/bin/pip install --no-deps . \
- && /opt/roombus/bin/pip uninstall --yes pip
+RUN /opt/roombus/bin/pip install --no-deps --no-build-isolation . \
+ && /opt/roombus/bin/pip uninstall --yes setuptools pip
 
 
 FROM python:3.11-slim

@@ -4,16 +4,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help up test test-fast lint fmt bench schemas clean compose-check
+# The lock files pin every package of the dependency tree, with hashes: requirements.lock is
+# what the image installs (runtime + the bridge and rs256 extras), requirements-dev.lock what
+# `make` installs (the same + dev). `make lock` regenerates both from pyproject.toml with uv,
+# run from a throwaway venv (it is not a dependency of roombus).
+UV_VERSION := 0.13.9
+LOCKENV := .lockenv
+BUILD_REQS = $(PYTHON) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))"
+UV_COMPILE = $(LOCKENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
+	--generate-hashes --no-header --annotation-style line
+
+.PHONY: help up test test-fast lint fmt bench schemas clean compose-check lock
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The project itself goes in last: editable, with no dependency resolution (the lock did that),
+# built with the locked setuptools (no unpinned build environment).
+$(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+lock: ## refresh requirements.lock and requirements-dev.lock (hashes) from pyproject.toml
+	rm -rf $(LOCKENV)
+	$(PYTHON) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BUILD_REQS) | $(UV_COMPILE) pyproject.toml - --extra bridge --extra rs256 -o requirements.lock
+	$(BUILD_REQS) | $(UV_COMPILE) pyproject.toml - --extra dev -c requirements.lock \
+		-o requirements-dev.lock
+	rm -rf $(LOCKENV)
 
 up: $(STAMP) ## run nats-server + the services locally (no Docker); Ctrl-C stops all
 	$(BIN)/roombus up
@@ -44,4 +66,4 @@ bench: $(STAMP) ## run the benchmarks (not part of make test)
 	$(BIN)/python -m bench
 
 clean: ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCKENV) .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,7 @@ from services.logs import setup_logging
 from . import metrics
 from .app import create_app
 from .settings import GatewaySettings
+from .wire import uvicorn_problem
 
 WS_PROTOCOLS = {"direct": "gateway.wire:WireProtocol"}
 """uvicorn's ``ws`` option for each ``WS_PROTOCOL`` setting (the rest are uvicorn's names)."""
@@ -43,6 +44,10 @@ class ClientFaultFilter(logging.Filter):
 
 
 def run(settings: GatewaySettings) -> None:
+    if settings.ws_protocol == "direct":
+        problem = uvicorn_problem()
+        if problem is not None:
+            raise SystemExit(f"roombus gateway: {problem}")
     # The legacy "websockets" protocol is still selectable; its deprecation notice is noise.
     warnings.filterwarnings("ignore", message=".*websockets. implementation is deprecated")
     setup_logging("gateway", settings.log_level)

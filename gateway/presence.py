@@ -25,7 +25,7 @@ QUEUE_MAX = 100_000
 
 
 class PresenceReporter:
-    def __init__(self, bus: Bus, gateway: str, ttl: float, replicas: int) -> None:
+    def __init__(self, bus: Bus, gateway: str, ttl: float, replicas: int | None) -> None:
         self.bus = bus
         self.gateway = gateway
         self.ttl = max(1, round(ttl))

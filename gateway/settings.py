@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from services import extras
 from services.settings import ServiceSettings
 
 
@@ -86,8 +87,9 @@ class GatewaySettings(ServiceSettings):
     presence_ttl: float = Field(default=15.0, ge=1, le=3600)
     """Seconds a gateway's presence keys live without a refresh: a dead gateway's users leave
     their rooms within about this time (refreshed every third of it)."""
-    presence_replicas: int = Field(default=1, ge=1, le=5)
-    """JetStream replicas of the presence bucket (must match the presence service's)."""
+    presence_replicas: int | None = Field(default=None, ge=1, le=5)
+    """JetStream replicas of the presence bucket (as the presence service's; unset: min(3,
+    the cluster's size as the server reports it), never lowering an existing bucket's)."""
     typing_interval: float = Field(default=1.0, ge=0.1, le=60)
     """Seconds between two ``typing`` signals a connection may send for one room."""
 
@@ -95,4 +97,7 @@ class GatewaySettings(ServiceSettings):
     def _auth_keys(self) -> GatewaySettings:
         if self.roombus_auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
             raise ValueError("ROOMBUS_AUTH=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256)")
+        if self.jwt_public_key and not extras.available("cryptography"):
+            # PyJWT would only fail at the first token ("Algorithm not supported"): say it now.
+            raise ValueError(extras.message("cryptography", "JWT_PUBLIC_KEY (RS256 tokens)"))
         return self

@@ -8,6 +8,11 @@ await) and a ``on_writable`` callback when the transport drains below its low-wa
 A message fanned out to N local clients is encoded and framed once, then written N times.
 
 Everything else (handshake, reads, ping/pong, close) is uvicorn's, unchanged.
+
+It subclasses uvicorn's protocol and uses its attributes, which are not public API:
+:func:`uvicorn_problem` checks at startup that the installed uvicorn is in the range this was
+written and tested for (``UVICORN_SUPPORTED``) and still has them, so a changed uvicorn is a
+clear error naming the range, not an ``AttributeError`` on the first fan-out.
 """
 
 from __future__ import annotations
@@ -15,10 +20,70 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+import uvicorn
 from websockets.protocol import State
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+else:
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+    except ImportError:  # reported by uvicorn_problem() when WS_PROTOCOL=direct
+        WebSocketsSansIOProtocol = object
+
+UVICORN_SUPPORTED = ((0, 54), (0, 55))
+"""uvicorn versions [from, to) whose sans-I/O protocol :class:`WireProtocol` was tested on (the
+pin in pyproject.toml; the contract suite in tests/integration/test_ws_protocol.py is what a
+change of the pin must pass)."""
+
+RELIES_ON: dict[str, tuple[str, ...]] = {
+    # method of WebSocketsSansIOProtocol -> the attributes it sets that we read or replace
+    "__init__": ("close_sent", "disconnected", "conn", "queue", "writable"),
+    "connection_made": ("transport",),
+    "handle_connect": ("response", "scope"),
+    "connection_lost": (),
+    "resume_writing": (),
+    "send": (),
+}
+
+
+def _range_text() -> str:
+    (a, b), (c, d) = UVICORN_SUPPORTED
+    return f"uvicorn>={a}.{b},<{c}.{d}"
+
+
+def uvicorn_problem(version: str | None = None, base: Any = None) -> str | None:
+    """Why the installed uvicorn cannot carry ``WS_PROTOCOL=direct``; None when it can."""
+    version = uvicorn.__version__ if version is None else version
+    base = WebSocketsSansIOProtocol if base is None else base
+    fix = (
+        f"WS_PROTOCOL=direct needs {_range_text()} (the version pinned in pyproject.toml): "
+        "install that, or set WS_PROTOCOL=websockets-sansio"
+    )
+    if base is object:
+        return f"uvicorn {version} has no sans-I/O WebSocket protocol; {fix}"
+    try:
+        key = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        key = (-1, -1)
+    if not UVICORN_SUPPORTED[0] <= key < UVICORN_SUPPORTED[1]:
+        return f"uvicorn {version} is outside the tested range; {fix}"
+    missing = []
+    for method, attrs in RELIES_ON.items():
+        fn = getattr(base, method, None)
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            missing.append(f"{method}()")
+            continue
+        missing += [f"{method}() setting self.{a}" for a in attrs if a not in code.co_names]
+    if missing:
+        return f"uvicorn {version}'s protocol lacks {', '.join(missing)}; {fix}"
+    return None
+
 
 SCOPE_KEY = "roombus.wire"
 """The key in the ASGI scope's ``extensions`` under which the protocol offers itself."""

@@ -26,6 +26,7 @@ from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from proto import subjects
+from services.jetstream import REPLICAS_DEFAULT
 
 log = logging.getLogger("roombus.presence.ledger")
 
@@ -34,13 +35,13 @@ WRONG_LAST_SEQUENCE = (10071, 10164)
 CAS_ATTEMPTS = 20
 
 
-def ledger_config(replicas: int, max_bytes: int) -> KeyValueConfig:
+def ledger_config(replicas: int | None, max_bytes: int) -> KeyValueConfig:
     return KeyValueConfig(
         bucket=subjects.PRESENCE_ANNOUNCED_BUCKET,
         description="roombus presence: the membership last announced per room.user",
         history=1,
         storage=StorageType.FILE,
-        replicas=replicas,
+        replicas=replicas or REPLICAS_DEFAULT,
         max_bytes=max_bytes,
     )
 

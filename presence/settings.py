@@ -15,8 +15,9 @@ class PresenceSettings(ServiceSettings):
     """HTTP port for /healthz, /readyz, /metrics."""
     presence_ttl: float = Field(default=15.0, ge=1, le=3600)
     """The gateways' key TTL (must match theirs); sets how long delete markers are kept."""
-    presence_replicas: int = Field(default=1, ge=1, le=5)
-    """JetStream replicas of the presence bucket: 1 on a single server, 3 on a cluster."""
+    presence_replicas: int | None = Field(default=None, ge=1, le=5)
+    """JetStream replicas of the presence buckets; unset: min(3, the cluster's size as the
+    server reports it), so 1 on a single server, never lowering an existing bucket's."""
     presence_max_bytes: int = Field(default=PRESENCE_MAX_BYTES_DEFAULT, ge=64 * 1024)
     """Bytes each of the presence and presence_announced buckets may use (JetStream reserves
     them: every bound must fit in the server's max_file_store)."""

@@ -32,7 +32,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from services.ports import free_port, port_free  # noqa: E402
 from tests.support.client import Client, close_all  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+
+# Probes run `docker`/HTTP against the stack: every 0.25 s is often enough (poll=0.25).
 
 BASE_IMAGE = "roombus-standin/debian:bookworm"
 STANDIN_LABEL = "org.roombus.standin"
@@ -82,36 +85,6 @@ def run(
         detail = (proc.stderr or "")[-3000:] if capture else ""
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}\n{detail}")
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_for(what: str, pred: Any, timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except Exception as exc:  # noqa: BLE001 - a probe that fails is "not yet"
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -407,7 +380,9 @@ def wait_spread(stack: Stack, total: int, replicas: int) -> dict[str, int]:
         s = spread(stack)
         return s if len(s) == replicas and sum(s.values()) == total else None
 
-    result: dict[str, int] = wait_for(f"{total} connections on {replicas} gateways", probe, 20)
+    result: dict[str, int] = wait_for(
+        probe, 20, f"{total} connections on {replicas} gateways", poll=0.25
+    )
     return result
 
 
@@ -493,9 +468,10 @@ def check_bridge(stack: Stack, url: str, room: str) -> None:
     )
     try:
         wait_for(
-            "redis-cli to subscribe",
             lambda: redis_cli("pubsub", "numsub", channel).split()[-1] != "0",
             10,
+            "redis-cli to subscribe",
+            poll=0.25,
         )
 
         async def go() -> None:
@@ -531,7 +507,12 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
 
     # 1. three replicas behind the load balancer; clients spread over all of them.
     t = time.monotonic()
-    wait_for("HAProxy to see 3 healthy gateways", lambda: len(lb_up(stats_port)) == GATEWAYS, 60)
+    wait_for(
+        lambda: len(lb_up(stats_port)) == GATEWAYS,
+        60,
+        "HAProxy to see 3 healthy gateways",
+        poll=0.25,
+    )
     say(f"HAProxy sees {GATEWAYS} gateways UP ({time.monotonic() - t:.1f}s)")
     room = "compose" + uuid.uuid4().hex[:8]
     n = 3 * GATEWAYS
@@ -571,7 +552,12 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     t = time.monotonic()
     run("docker", "pause", paused, capture=True)
     try:
-        wait_for("HAProxy to mark the paused gateway DOWN", lambda: len(lb_up(stats_port)) == 2, 30)
+        wait_for(
+            lambda: len(lb_up(stats_port)) == 2,
+            30,
+            "HAProxy to mark the paused gateway DOWN",
+            poll=0.25,
+        )
         report["unhealthy_out_s"] = round(time.monotonic() - t, 1)
 
         async def around_paused() -> dict[str, int]:
@@ -590,9 +576,19 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
         assert sum(s.values()) == 4, f"clients reached the paused gateway: {s}"
     finally:
         run("docker", "unpause", paused, capture=True)
-    wait_for("HAProxy to take the gateway back", lambda: len(lb_up(stats_port)) == GATEWAYS, 30)
+    wait_for(
+        lambda: len(lb_up(stats_port)) == GATEWAYS,
+        30,
+        "HAProxy to take the gateway back",
+        poll=0.25,
+    )
     # Docker's own health check, too: `up` refuses to go on while a dependency is unhealthy.
-    wait_for("the unpaused gateway to be healthy again", lambda: health(paused) == "healthy", 30)
+    wait_for(
+        lambda: health(paused) == "healthy",
+        30,
+        "the unpaused gateway to be healthy again",
+        poll=0.25,
+    )
     say(
         f"paused gateway out of rotation in {report['unhealthy_out_s']}s; 4 clients served by"
         f" the other two {s}; back in after unpause"
@@ -609,9 +605,10 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     ips = gateway_ips(stack)
     assert len(ips) == 1, ips
     wait_for(
-        "HAProxy to drop the removed gateways",
         lambda: lb_up(stats_port) == sorted(ips.values()),
         30,
+        "HAProxy to drop the removed gateways",
+        poll=0.25,
     )
     report["scale_down_s"] = round(time.monotonic() - t, 1)
     say(f"scaled to 1: HAProxy follows ({report['scale_down_s']}s incl. stopping 2 replicas)")
@@ -632,9 +629,10 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     ips = gateway_ips(stack)
     assert len(ips) == GATEWAYS, ips
     wait_for(
-        "HAProxy to add the new gateways",
         lambda: lb_up(stats_port) == sorted(ips.values()),
         60,
+        "HAProxy to add the new gateways",
+        poll=0.25,
     )
     report["scale_up_s"] = round(time.monotonic() - t, 1)
     say(f"scaled to {GATEWAYS}: HAProxy follows ({report['scale_up_s']}s incl. container start)")

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
+from .extras import EXTRAS, message
 from .settings import ServiceSettings, settings_from
 
 # subcommand -> (settings class, run function), imported lazily: apps never import apps,
@@ -73,9 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            print(f"roombus {command}: setting {field.upper()}: {err['msg']}", file=sys.stderr)
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f"setting {field.upper()}: " if field else ""  # model checks name theirs
+            print(f"roombus {command}: {where}{msg}", file=sys.stderr)
         return 2
-    run = cast(Callable[[ServiceSettings], None], _load(run_ref))
+    try:
+        run = cast(Callable[[ServiceSettings], None], _load(run_ref))
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in EXTRAS:
+            raise
+        # An optional dependency (``roombus bridge`` without redis): say which extra.
+        print(f"roombus {command}: {message(missing, f'roombus {command}')}", file=sys.stderr)
+        return 2
     run(settings)
     return 0
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TypeVar
 
+from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -171,6 +172,45 @@ async def check_storage_limits(
         )
 
 
+REPLICAS_DEFAULT = 0
+"""``KeyValueConfig.replicas`` (an int in nats-py) meaning "the default": :func:`ensure_kv`
+resolves it, as it resolves ``StreamConfig.num_replicas=None``."""
+
+DEFAULT_REPLICAS_MAX = 3
+"""Replicas a stream or bucket gets by default on a cluster of this many nodes or more."""
+
+
+def cluster_size(nc: Client) -> int:
+    """How many nodes the connected server says its cluster has (1 for a single server).
+
+    From the server's INFO (nats-py 2.16 keeps it only as ``Client._server_info``): no
+    ``cluster`` field means a single server; otherwise the client URLs the cluster advertises
+    (``connect_urls``, one per node on the usual setups). A cluster that advertises none
+    (``no_advertise``) is counted by the URLs the client was given (``NATS_URL``).
+    """
+    info: dict[str, object] = getattr(nc, "_server_info", None) or {}
+    if not info.get("cluster"):
+        return 1
+    urls = info.get("connect_urls")
+    if isinstance(urls, list) and urls:
+        return len(set(urls))
+    return max(1, len(nc.servers))
+
+
+def default_replicas(nc: Client) -> int:
+    """``min(3, cluster size)``: what an unset ``*_REPLICAS`` setting means."""
+    return min(DEFAULT_REPLICAS_MAX, cluster_size(nc))
+
+
+def _resolve(configured: int | None, current: int | None, nc: Client) -> int:
+    """The replica count to provision. Set: that. Unset: :func:`default_replicas`, but never
+    below what an existing stream has (a service starting while the cluster is still forming
+    may see fewer nodes; lowering replicas takes an explicit setting)."""
+    if configured:
+        return configured
+    return max(default_replicas(nc), current or 1)
+
+
 class ProvisioningError(RuntimeError):
     """A stream could not be brought to the wanted configuration; says what to do."""
 
@@ -220,6 +260,9 @@ async def _retrying(what: str, wait: float, step: Callable[[], Awaitable[T]]) ->
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, wait: float = 60.0) -> None:
     """Create ``config.name`` or update it in place to ``config`` (idempotent, keeps data).
 
+    ``num_replicas=None`` means the default (:func:`default_replicas`, never lowering an
+    existing stream's).
+
     While JetStream is not ready yet (a cluster forming), retries for up to ``wait`` seconds.
     """
     assert config.name is not None
@@ -233,6 +276,7 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         info = await js.stream_info(name)
     except NotFoundError:
+        config = replace(config, num_replicas=_resolve(config.num_replicas, None, js._nc))
         try:
             await js.add_stream(config)
         except (BadRequestError, APIError) as exc:
@@ -245,6 +289,9 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         log.info("stream created", extra={"stream": name})
         return
     current = info.config
+    config = replace(
+        config, num_replicas=_resolve(config.num_replicas, current.num_replicas, js._nc)
+    )
     if current.num_replicas != config.num_replicas:
         log.info(
             "stream replica count changes",
@@ -276,7 +323,8 @@ async def ensure_kv(
     """The bucket ``config.bucket``, created when missing.
 
     An existing bucket keeps its data and settings, except its replica count, which is
-    brought to ``config.replicas`` (R1 -> R3 when a deployment moves onto a cluster), and its
+    brought to ``config.replicas`` (R1 -> R3 when a deployment moves onto a cluster;
+    ``replicas=None`` means the default, :func:`default_replicas`, never lowered), and its
     byte bound: an unbounded bucket gets ``config.max_bytes``, and the bucket's ``owner``
     (the service whose setting sets the bound) brings it to ``config.max_bytes``.
     While JetStream is not ready yet, retries for up to ``wait`` seconds.
@@ -289,6 +337,7 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig, owner: bool) 
     try:
         kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
+        config = replace(config, replicas=_resolve(config.replicas, None, js._nc))
         await check_storage_limits(js, stream, config.max_bytes, config.replicas)
         try:
             return await js.create_key_value(config)
@@ -309,6 +358,7 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig, owner: bool) 
 async def _ensure_kv_limits(js: JetStreamContext, config: KeyValueConfig, owner: bool) -> None:
     stream = f"KV_{config.bucket}"
     current = (await js.stream_info(stream)).config
+    config = replace(config, replicas=_resolve(config.replicas, current.num_replicas, js._nc))
     wanted = current
     if current.num_replicas != config.replicas:
         log.info(
@@ -346,7 +396,7 @@ async def _ensure_kv_limits(js: JetStreamContext, config: KeyValueConfig, owner:
 
 
 def presence_bucket_config(
-    replicas: int, marker_ttl: float, max_bytes: int = PRESENCE_MAX_BYTES_DEFAULT
+    replicas: int | None, marker_ttl: float, max_bytes: int = PRESENCE_MAX_BYTES_DEFAULT
 ) -> KeyValueConfig:
     """The ``presence`` bucket, identical for the gateways (writers) and presence (reader).
 
@@ -359,7 +409,7 @@ def presence_bucket_config(
         description="roombus presence: room.user.gateway keys with a per-key TTL",
         history=1,
         storage=StorageType.FILE,
-        replicas=replicas,
+        replicas=replicas or REPLICAS_DEFAULT,
         limit_marker_ttl=marker_ttl,
         max_bytes=max_bytes,
     )

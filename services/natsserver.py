@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -15,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .ports import free_port
 
 _LISTEN_RE = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 _HTTP_RE = re.compile(r"Starting http monitor on [^\s]*:(\d+)")
@@ -145,12 +146,6 @@ class NatsServer:
         return data
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class NatsCluster:
     """``size`` nats-server nodes forming one JetStream cluster on loopback.
@@ -211,7 +206,7 @@ class NatsCluster:
     def _configure(self) -> None:
         """Pick route ports and write each node's config file."""
         ports = self.client_ports or [-1] * self.size
-        route_ports = [_free_port(self.host) for _ in range(self.size)]
+        route_ports = [free_port(self.host) for _ in range(self.size)]
         routes = ", ".join(f'"nats://{self.host}:{p}"' for p in route_ports)
         self.nodes = []
         for i in range(self.size):

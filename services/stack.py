@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,25 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .extras import available, message
 from .natsserver import NatsCluster, NatsServer, die_with_parent
+from .ports import free_port, port_free
 
 RESTARTS_MAX = 5
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def add_up_parser(sub: Any) -> None:
@@ -233,6 +218,8 @@ def add_bridge_if_redis(children: list[Child], py: list[str], env: dict[str, str
     url = env.get("REDIS_URL", "redis://127.0.0.1:6379")
     scheme, sep, rest = url.partition("://")
     shown = f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url  # no password
+    if not available("redis"):
+        return f"  bridge:    off ({message('redis', 'the bridge')})\n"
     try:
         import redis
 

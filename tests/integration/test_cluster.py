@@ -23,8 +23,8 @@ import nats.js.errors
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.integration.test_stack import _alive, _descendants, _free, _open_when_up
-from tests.support.client import Client
+from tests.integration.test_stack import _alive, _descendants
+from tests.support.client import Client, open_when_up
 from tests.support.cluster import (
     NatsCluster,
     local_leader_view,
@@ -33,7 +33,7 @@ from tests.support.cluster import (
     move_leader_off,
     stream_leader,
 )
-from tests.support.procs import ROOT, NatsServer, ServiceProc, free_port, wait_for
+from tests.support.procs import ROOT, NatsServer, ServiceProc, free_port, port_free, until
 from tests.support.stored import stored_messages
 
 R3 = {"HISTORY_REPLICAS": 3, "PRESENCE_REPLICAS": 3}
@@ -251,11 +251,14 @@ async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
     )
     assert lost == 0
     assert errors == [], errors[:5]
-    assert failover < 10
+    # Behaviour, not a figure (printed above): fan-out resumes well before ACK_DEADLINE (30 s),
+    # so no sender is ever told not_stored. Elections take ~2-5 s quiet; the bound is loose
+    # on purpose so that a loaded 2-core machine gives the same verdict.
+    assert failover < 25
 
     # The node comes back and catches up: its own replica's state matches the leader's.
     t_back = time.monotonic()
-    victim.start()
+    await asyncio.to_thread(victim.start)
     want = local_stream_state(nats_cluster.node(leader), HISTORY)
     assert want is not None and want["messages"] >= acked
 
@@ -263,7 +266,7 @@ async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
         got = local_stream_state(victim, HISTORY)
         return got is not None and all(got[k] == want[k] for k in ("messages", "last_seq"))
 
-    wait_for(caught_up, 30, f"{victim.name} to catch up to {want}")
+    await until(caught_up, 30, f"{victim.name} to catch up to {want}")
     print(
         f"{victim.name} back: caught up to {want['messages']} messages in "
         f"{time.monotonic() - t_back:.2f}s"
@@ -296,7 +299,10 @@ async def test_kill_9_of_a_non_leader_node_stalls_nothing(
     )
     assert lost == 0
     assert errors == [], errors[:5]
-    assert stall < 3
+    # Losing a node that leads nothing costs a client reconnect (NATS_RECONNECT_WAIT), no
+    # election. The figure is printed; the bound only catches a real stall (an election, a
+    # service waiting on a dead node), loose enough for a loaded 2-core machine.
+    assert stall < 10
 
 
 async def replicas(urls: list[str], *streams: str) -> dict[str, int]:
@@ -309,21 +315,14 @@ async def replicas(urls: list[str], *streams: str) -> dict[str, int]:
 
 
 async def wait_replicas(urls: list[str], want: dict[str, int], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    got: object = None
-    while time.monotonic() < deadline:
-        try:
-            got = await replicas(urls, *want)
-            if got == want:
-                return
-        except nats.js.errors.NotFoundError as exc:
-            got = exc
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"replicas {got!r}, want {want}")
+    async def reached() -> bool:
+        return await replicas(urls, *want) == want
+
+    await until(reached, timeout, f"replicas {want}")
 
 
-def exits_saying(proc: ServiceProc, text: str) -> None:
-    wait_for(lambda: not proc.alive(), 20, f"{proc.service} to exit")
+async def exits_saying(proc: ServiceProc, text: str) -> None:
+    await until(lambda: not proc.alive(), 20, f"{proc.service} to exit")
     assert text in proc.log(), proc.log()
 
 
@@ -338,7 +337,7 @@ async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_p
     await c.next("ack", client_id="k1")
     await c.close()
     for proc in first:
-        assert proc.terminate() == 0
+        assert await asyncio.to_thread(proc.terminate) == 0
     assert set((await replicas(nats_cluster.urls, *STREAMS)).values()) == {1}
 
     # Moving onto R3: the same stream and buckets, updated in place, data kept.
@@ -356,17 +355,27 @@ async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_p
 
     # More replicas than nodes: the service refuses to start and says what to do.
     bad = services("history", nats_cluster, wait=False, HISTORY_REPLICAS=5, JETSTREAM_WAIT=3)
-    exits_saying(bad, "at most the number of JetStream nodes")
+    await exits_saying(bad, "at most the number of JetStream nodes")
     assert (await replicas(nats_cluster.urls, HISTORY))[HISTORY] == 3
+
+
+async def test_unset_replicas_default_to_three_on_a_three_node_cluster(
+    nats_cluster: NatsCluster, services: ServiceFactory
+) -> None:
+    # No *_REPLICAS anywhere: the services ask the server how big its cluster is.
+    services("history", nats_cluster)
+    services("presence", nats_cluster)
+    services("gateway", nats_cluster)
+    await wait_replicas(nats_cluster.urls, {HISTORY: 3, "KV_presence": 3, "KV_presence_events": 3})
 
 
 async def test_replicas_above_1_on_a_single_server_is_a_clear_error(
     fresh_nats: NatsServer, services: ServiceFactory
 ) -> None:
     h = services("history", fresh_nats, wait=False, HISTORY_REPLICAS=3)
-    exits_saying(h, "Replicas must be 1 on a single nats-server")
+    await exits_saying(h, "Replicas must be 1 on a single nats-server")
     p = services("presence", fresh_nats, wait=False, PRESENCE_REPLICAS=3)
-    exits_saying(p, "Replicas must be 1 on a single nats-server")
+    await exits_saying(p, "Replicas must be 1 on a single nats-server")
 
 
 @pytest.mark.slow
@@ -374,10 +383,10 @@ async def test_roombus_up_nats_cluster_3_runs_the_stack_on_r3_and_ctrl_c_stops_a
     tmp_path: Path, room: str
 ) -> None:
     port = free_port()
-    while not all(_free(p) for p in (port, port + 1)):
+    while not all(port_free(p) for p in (port, port + 1)):
         port = free_port()
     nats_port = free_port()
-    while not all(_free(nats_port + i) for i in range(3)):
+    while not all(port_free(nats_port + i) for i in range(3)):
         nats_port = free_port()
     proc = subprocess.Popen(
         [
@@ -390,8 +399,8 @@ async def test_roombus_up_nats_cluster_3_runs_the_stack_on_r3_and_ctrl_c_stops_a
         stderr=subprocess.STDOUT,
     )
     try:
-        a = await _open_when_up(f"ws://127.0.0.1:{port}/ws", "a")
-        b = await _open_when_up(f"ws://127.0.0.1:{port + 1}/ws", "b")
+        a = await open_when_up(f"ws://127.0.0.1:{port}/ws", "a")
+        b = await open_when_up(f"ws://127.0.0.1:{port + 1}/ws", "b")
         await a.join(room)
         await b.join(room)
         await a.send("chat.message", room=room, text="on a cluster", client_id="c1")
@@ -402,7 +411,7 @@ async def test_roombus_up_nats_cluster_3_runs_the_stack_on_r3_and_ctrl_c_stops_a
         family = _descendants(proc.pid)
         assert len(family) >= 8  # 3 nats-server nodes, 2 gateways, 2 history, presence
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=40)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=40)
     except BaseException:
         proc.send_signal(signal.SIGINT)
         print(proc.communicate(timeout=40)[0].decode(errors="replace")[-6000:])
@@ -413,4 +422,4 @@ async def test_roombus_up_nats_cluster_3_runs_the_stack_on_r3_and_ctrl_c_stops_a
     text = out.decode(errors="replace")
     assert "cluster of 3" in text and all(u in text for u in urls), text[-3000:]
     assert proc.returncode == 0, text[-3000:]
-    wait_for(lambda: not any(_alive(p) for p in family), 10, "no orphan processes")
+    await until(lambda: not any(_alive(p) for p in family), 10, "no orphan processes")

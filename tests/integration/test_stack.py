@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.client import Client
-from tests.support.procs import ROOT, free_port, wait_for
+from tests.support.client import open_when_up
+from tests.support.procs import ROOT, free_port, port_free, until
 
 
 def _descendants(pid: int) -> set[int]:
@@ -42,7 +43,7 @@ async def test_roombus_up_runs_a_chat_across_two_gateways_and_ctrl_c_stops_all(
     tmp_path: Path, room: str
 ) -> None:
     port = free_port()
-    while not all(_free(p) for p in (port, port + 1)):
+    while not all(port_free(p) for p in (port, port + 1)):
         port = free_port()
     proc = subprocess.Popen(
         [
@@ -62,8 +63,8 @@ async def test_roombus_up_runs_a_chat_across_two_gateways_and_ctrl_c_stops_all(
         stderr=subprocess.STDOUT,
     )
     try:
-        a = await _open_when_up(f"ws://127.0.0.1:{port}/ws", "a")
-        b = await _open_when_up(f"ws://127.0.0.1:{port + 1}/ws", "b")
+        a = await open_when_up(f"ws://127.0.0.1:{port}/ws", "a")
+        b = await open_when_up(f"ws://127.0.0.1:{port + 1}/ws", "b")
         await a.join(room)
         await b.join(room)
         await a.send("chat.message", room=room, text="across the stack", client_id="s1")
@@ -72,36 +73,11 @@ async def test_roombus_up_runs_a_chat_across_two_gateways_and_ctrl_c_stops_all(
         family = _descendants(proc.pid)
         assert len(family) >= 5  # nats-server, 2 gateways, 2 history replicas
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-        out, _ = proc.communicate(timeout=40)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=40)
     finally:
         if proc.poll() is None:
             proc.kill()
     text = out.decode(errors="replace")
     assert "roombus is up" in text and f"http://127.0.0.1:{port}/" in text
     assert proc.returncode == 0, text[-3000:]
-    wait_for(lambda: not any(_alive(p) for p in family), 10, "no orphan processes")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-async def _open_when_up(url: str, user: str) -> Client:
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await Client.open(url, user)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    await until(lambda: not any(_alive(p) for p in family), 10, "no orphan processes")

@@ -121,6 +121,18 @@ class Client:
             pass
 
 
+async def open_when_up(url: str, user: str, timeout: float = 30.0) -> Client:
+    """``Client.open`` retried while nothing listens yet (a stack still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await Client.open(url, user)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def close_all() -> None:
     for client in list(OPEN):
         await client.close()

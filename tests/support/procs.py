@@ -8,41 +8,28 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+# free_port is the services' own (``roombus up`` needs it at run time, and services/ cannot
+# import tests/); the waits are the tests' (services/ has no use for them).
 from services.natsserver import NatsServer
+from services.ports import free_port, port_free
+from tests.support.wait import until, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["NatsServer", "RedisServer", "ServiceProc", "free_port", "wait_for"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except Exception as exc:  # the thing may not be up yet
-            last_exc = exc
-        time.sleep(0.05)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
-    )
+__all__ = [
+    "NatsServer",
+    "RedisServer",
+    "ServiceProc",
+    "free_port",
+    "port_free",
+    "until",
+    "wait_for",
+]
 
 
 def ensure_redis_server() -> str:
