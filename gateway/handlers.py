@@ -228,7 +228,12 @@ class Session:
         await self.conn.inflight.acquire()
         self.gw.spawn(self._publish(msg), f"publish-{msg.id}")
 
+    def require_dms(self) -> None:
+        if not self.conn.dms:  # an unverified name (ROOMBUS_AUTH=none) is anyone's to claim
+            raise FrameError(ErrorCode.FORBIDDEN, "direct messages need a verified user")
+
     async def on_dm(self, data: f.DmData) -> None:
+        self.require_dms()
         if len(data.text) > self.gw.settings.text_max:
             raise FrameError(
                 ErrorCode.TEXT_TOO_LONG, f"text is longer than {self.gw.settings.text_max}"
@@ -248,6 +253,7 @@ class Session:
 
     async def on_dm_history(self, data: f.DmHistoryData) -> None:
         """Only the user's own inbox: the query names the connection's user, nobody else."""
+        self.require_dms()
         user = self.conn.user
         query = {"user": user, "before": data.before, "after": data.after, "limit": data.limit}
         reply = await self.request(subjects.svc_inbox(user), query, "history")
@@ -255,6 +261,9 @@ class Session:
 
     def on_subscribe(self, data: f.EventsData) -> None:
         wanted = set(data.events) - self.conn.events
+        denied = sorted(e for e in wanted if not self.identity.may_receive(e))
+        if denied:
+            raise FrameError(ErrorCode.FORBIDDEN, f"you may not receive {denied[0]!r}")
         if len(self.conn.events) + len(wanted) > self.gw.settings.max_events:
             raise FrameError(
                 ErrorCode.TOO_MANY_ROOMS, f"at most {self.gw.settings.max_events} event types"

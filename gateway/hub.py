@@ -63,7 +63,8 @@ class Hub:
     # -- membership -------------------------------------------------------------------
     def add(self, conn: Conn) -> None:
         self.conns.add(conn)
-        self.users.setdefault(conn.user, set()).add(conn)
+        if conn.dms:
+            self.users.setdefault(conn.user, set()).add(conn)
         metrics.CONNECTIONS.set(len(self.conns))
 
     def remove(self, conn: Conn) -> list[str]:

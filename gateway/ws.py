@@ -139,7 +139,9 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
         maxlen=s.send_queue,
         slow_timeout=s.slow_client_timeout,
         wire=from_scope(socket.scope),
+        max_bytes=s.send_buffer_bytes,
     )
+    conn.dms = identity.verified or s.insecure_dms
     conn.inflight = asyncio.Semaphore(s.max_inflight)
     conn.last_seen = time.monotonic()
     conn.start()
@@ -168,7 +170,7 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
         if expiry is not None:
             expiry.cancel()
         gw.hub.remove(conn)
-        if conn.close_code != CloseCode.GOING_AWAY:
+        if conn.close_code not in (CloseCode.GOING_AWAY, CloseCode.SLOW_CONSUMER):
             await conn.flush(0.5)
         await conn.stop()
         if socket.connection_state != "disconnect":

@@ -70,8 +70,13 @@ def services(tmp_path: Path) -> Iterator[ServiceFactory]:
         **env: object,
     ) -> ServiceProc:
         url = nats if isinstance(nats, str) else nats.url
-        # Tests blast hundreds of frames a second; the rate-limit tests set their own.
-        defaults = {"RATE_LIMIT": "100000", "RATE_BURST": "100000"} if service == "gateway" else {}
+        # Tests blast hundreds of frames a second; the rate-limit tests set their own. Most
+        # run with ROOMBUS_AUTH=none and exchange DMs (the tests of the default set it false).
+        defaults = (
+            {"RATE_LIMIT": "100000", "RATE_BURST": "100000", "INSECURE_DMS": "true"}
+            if service == "gateway"
+            else {}
+        )
         proc = ServiceProc(
             service,
             env={
