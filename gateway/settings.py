@@ -54,7 +54,7 @@ class GatewaySettings(ServiceSettings):
     handshake_timeout: float = Field(default=10.0, gt=0, le=300)
     """Seconds a new TCP connection (and each request on a kept-alive one) may take to send its
     complete request headers; then it is dropped (slowloris)."""
-    max_pending_per_ip: int = Field(default=32, ge=1)
+    max_pending_per_ip: int = Field(default=100, ge=1)
     """TCP connections per client address that have not yet sent complete request headers;
     beyond, new ones from that address are dropped at once (trusted proxies exempt)."""
     rate_limit: float = Field(default=20.0, gt=0)

@@ -305,7 +305,8 @@ async def test_dms_are_forbidden_for_self_named_users_by_default(
 async def test_sse_per_address_limit_holds_for_concurrent_requests(
     nats_server: NatsServer, services: ServiceFactory
 ) -> None:
-    gw = services("gateway", nats_server, MAX_CONNECTIONS_PER_IP=5)
+    # (40 connections at once, each pending until its headers: under the pending cap too)
+    gw = services("gateway", nats_server, MAX_CONNECTIONS_PER_IP=5, MAX_PENDING_PER_IP=100)
     statuses: list[int] = []
     opened = asyncio.Event()
 
