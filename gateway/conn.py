@@ -180,7 +180,8 @@ class Conn:
 
         A client that makes no room within the slow-client timeout is disconnected.
         """
-        while self._full(len(frame)):
+        # (+14: the WebSocket frame header `offer` adds; a replayed frame must wait, not drop)
+        while self._full(len(frame) + 14):
             if self.is_closed:
                 return False
             if self._space is None:
