@@ -57,6 +57,7 @@ class Server:
             "PORT": str(self.port),
             "MAX_CONNECTIONS": "20000",
             "MAX_CONNECTIONS_PER_IP": "20000",
+            "MAX_PENDING_PER_IP": "20000",
             "RATE_LIMIT": "100000",
             "RATE_BURST": "100000",
         }

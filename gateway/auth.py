@@ -26,11 +26,18 @@ class Identity:
     """Room patterns this user may use; None = every room."""
     expires: float | None = None
     """Unix time the token expires (the connection is closed then)."""
+    events: tuple[str, ...] | None = None
+    """Event-type patterns (``order.*``) this user may receive; None = every event type."""
 
     def may_use(self, room: str) -> bool:
         if self.rooms is None:
             return True
         return any(fnmatch.fnmatchcase(room, pattern) for pattern in self.rooms)
+
+    def may_receive(self, event: str) -> bool:
+        if self.events is None:
+            return True
+        return any(fnmatch.fnmatchcase(event, pattern) for pattern in self.events)
 
 
 class AuthError(Exception):
@@ -81,17 +88,16 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not is_name(sub):
             raise AuthError(CloseCode.UNAUTHORIZED, "token sub is not a valid user id")
-        rooms = claims.get(s.jwt_rooms_claim)
-        if rooms is not None and (
-            not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)
-        ):
-            raise AuthError(CloseCode.UNAUTHORIZED, f"claim {s.jwt_rooms_claim!r} must be a list")
         exp = claims.get("exp")
+        # PyJWT takes "exp": "1700000000" too; the expiry timer needs a number: fail closed.
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise AuthError(CloseCode.UNAUTHORIZED, "token exp must be a number")
         return Identity(
             user=sub,
             verified=True,
-            rooms=tuple(rooms) if rooms is not None else None,
-            expires=float(exp) + s.jwt_leeway if isinstance(exp, int | float) else None,
+            rooms=_patterns(claims, s.jwt_rooms_claim),
+            expires=float(exp) + s.jwt_leeway,
+            events=_patterns(claims, s.jwt_events_claim),
         )
 
     @staticmethod
@@ -99,3 +105,14 @@ class Authenticator:
         if identity.expires is None:
             return None
         return identity.expires - time.time()
+
+
+def _patterns(claims: dict[str, Any], claim: str) -> tuple[str, ...] | None:
+    """A list-of-patterns claim; absent: None (no restriction). Anything else but a list of
+    strings (``null`` included: it must not mean "everything") refuses the token."""
+    if claim not in claims:
+        return None
+    value = claims[claim]
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise AuthError(CloseCode.UNAUTHORIZED, f"claim {claim!r} must be a list of strings")
+    return tuple(value)

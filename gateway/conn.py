@@ -46,11 +46,13 @@ class Conn:
 
     ``offer`` never blocks and never awaits. With a :class:`WireProtocol` (the default
     server) a frame is written straight to the socket while its transport buffer is below
-    the high-water mark; above it, frames wait in a bounded buffer that the protocol's
-    ``resume_writing`` drains. Without one (another uvicorn WebSocket implementation) a
-    writer task sends the buffer through ASGI. When the buffer is full the frame is
-    dropped (counted); a client whose buffer stays full for ``slow_timeout`` seconds is
-    disconnected with 4008.
+    the high-water mark; above it, frames wait in a buffer bounded in frames (``maxlen``) and
+    in bytes (``max_bytes``) that the protocol's ``resume_writing`` drains. Without one
+    (another uvicorn WebSocket implementation) a writer task sends the buffer through ASGI.
+    When the buffer is full the frame is dropped (counted); a client whose buffer is still
+    full ``slow_timeout`` seconds after the first drop is disconnected with 4008 and its
+    socket aborted (``aborter``): a client that never reads gets no close handshake to hold
+    the socket (and what was written to it) open.
 
     Frames are UTF-8 JSON ``bytes``, encoded once by the caller; a fan-out also passes the
     WebSocket frame it built once (``wire``), so N clients cost N socket writes.
@@ -68,6 +70,11 @@ class Conn:
         "_wire",
         "_buf",
         "_max",
+        "_bytes",
+        "_max_bytes",
+        "_slow_timer",
+        "aborter",
+        "dms",
         "_wake",
         "_full_since",
         "_slow_timeout",
@@ -90,6 +97,7 @@ class Conn:
         maxlen: int,
         slow_timeout: float,
         wire: WireProtocol | None = None,
+        max_bytes: int = 1024 * 1024,
     ):
         self.user = user
         self.verified = verified
@@ -106,6 +114,13 @@ class Conn:
         # (None until the first frame has to wait: most connections never need one.)
         self._buf: deque[bytes] | None = None
         self._max = maxlen
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._slow_timer: asyncio.TimerHandle | None = None
+        self.aborter: Callable[[], None] | None = wire.abort if wire is not None else None
+        """Drops the socket at once (no close handshake): set when the server offers one."""
+        self.dms = True
+        """Direct messages to ``user`` reach this connection (off for unverified names)."""
         self._wake: asyncio.Event | None = None
         self._full_since: float | None = None
         self._slow_timeout = slow_timeout
@@ -158,26 +173,41 @@ class Conn:
             frame = wire
         if buf is None:
             buf = self._buf = deque()
-        elif len(buf) >= self._max:
+        elif self._full(len(frame)):
             metrics.DROPPED_SLOW_CLIENT.inc()
-            now = time.monotonic()
             if self._full_since is None:
-                self._full_since = now
-            elif now - self._full_since > self._slow_timeout:
-                metrics.SLOW_DISCONNECTS.inc()
-                log.warning("slow client disconnected", extra={"user": self.user})
-                self.shut(CloseCode.SLOW_CONSUMER)
+                self._full_since = time.monotonic()
+                self._slow_timer = asyncio.get_running_loop().call_later(
+                    self._slow_timeout, self._too_slow
+                )
             return False
         buf.append(frame)
+        self._bytes += len(frame)
         self._kick()
         return True
+
+    def _full(self, size: int) -> bool:
+        """No room for a frame of ``size`` bytes (an empty buffer always takes one)."""
+        buf = self._buf
+        if not buf:
+            return False
+        return len(buf) >= self._max or self._bytes + size > self._max_bytes
+
+    def _too_slow(self) -> None:
+        self._slow_timer = None
+        if self._full_since is None or self.is_closed:
+            return
+        metrics.SLOW_DISCONNECTS.inc()
+        log.warning("slow client disconnected", extra={"user": self.user})
+        self.shut(CloseCode.SLOW_CONSUMER)
 
     async def put(self, frame: bytes, cursor: int | None = None) -> bool:
         """Queue ``frame``, waiting for buffer space (for replays, which must not drop).
 
         A client that makes no room within the slow-client timeout is disconnected.
         """
-        while self._buf is not None and len(self._buf) >= self._max:
+        # (+14: the WebSocket frame header `offer` adds; a replayed frame must wait, not drop)
+        while self._full(len(frame) + 14):
             if self.is_closed:
                 return False
             if self._space is None:
@@ -187,14 +217,18 @@ class Conn:
                 async with asyncio.timeout(self._slow_timeout):
                     await self._space.wait()
             except TimeoutError:
-                metrics.SLOW_DISCONNECTS.inc()
-                self.shut(CloseCode.SLOW_CONSUMER)
+                if not self.is_closed:
+                    metrics.SLOW_DISCONNECTS.inc()
+                    self.shut(CloseCode.SLOW_CONSUMER)
                 return False
         return self.offer(frame, cursor)
 
     def made_room(self) -> None:
         """The buffer drained below half: the client reads again."""
         self._full_since = None
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
         if self._space is not None:
             self._space.set()
         if not self._buf and self._drained is not None:
@@ -206,12 +240,30 @@ class Conn:
         if fast is None or not buf:
             return
         while buf and fast.can_write():
-            if not fast.write_frame(buf.popleft()):
+            frame = buf.popleft()
+            self._bytes -= len(frame)
+            if not fast.write_frame(frame):
                 buf.clear()
+                self._bytes = 0
                 self.shut(CloseCode.GOING_AWAY)
                 break
-        if len(buf) < self._max // 2:
+        if self._below_half():
             self.made_room()
+
+    def _below_half(self) -> bool:
+        buf = self._buf
+        return not buf or (len(buf) < self._max // 2 and self._bytes < self._max_bytes // 2)
+
+    def take_all(self) -> bytes:
+        """Everything buffered, as one chunk (the SSE writer's read)."""
+        buf = self._buf
+        if not buf:
+            return b""
+        chunk = b"".join(buf)
+        buf.clear()
+        self._bytes = 0
+        self.made_room()
+        return chunk
 
     def shut(self, code: int) -> None:
         """Close the connection with ``code`` (idempotent); interrupts its blocked read."""
@@ -219,6 +271,16 @@ class Conn:
             return
         self.close_code = code
         self.is_closed = True
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+        if code == CloseCode.SLOW_CONSUMER:
+            # It does not read: a close frame would wait behind what it never read.
+            if self._buf:
+                self._buf.clear()
+                self._bytes = 0
+            if self.aborter is not None:
+                self.aborter()
         if self._wake is not None:
             self._wake.set()
         task = self.task
@@ -232,8 +294,9 @@ class Conn:
         try:
             while buf:
                 frame = buf.popleft()
+                self._bytes -= len(frame)
                 await self._send({"type": "websocket.send", "text": frame.decode()})
-                if len(buf) < self._max // 2:
+                if self._below_half():
                     self.made_room()
         except asyncio.CancelledError:
             raise

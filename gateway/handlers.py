@@ -216,6 +216,7 @@ class Session:
         await self._send_stored(subject, payload, data.client_id)
 
     async def on_dm(self, data: f.DmData) -> None:
+        self.require_dms()
         self._check_text(data.text)
         payload = orjson.dumps(
             {
@@ -235,8 +236,13 @@ class Session:
         await self.conn.inflight.acquire()
         self.gw.spawn(self._publish(subject, payload, key, client_id), f"publish-{key}")
 
+    def require_dms(self) -> None:
+        if not self.conn.dms:  # an unverified name (ROOMBUS_AUTH=none) is anyone's to claim
+            raise FrameError(ErrorCode.FORBIDDEN, "direct messages need a verified user")
+
     async def on_dm_history(self, data: f.DmHistoryData) -> None:
         """Only the user's own inbox: the query names the connection's user, nobody else."""
+        self.require_dms()
         user = self.conn.user
         query = {"user": user, "before": data.before, "after": data.after, "limit": data.limit}
         reply = await self.request(subjects.svc_inbox(user), query, "history")
@@ -244,6 +250,9 @@ class Session:
 
     def on_subscribe(self, data: f.EventsData) -> None:
         wanted = set(data.events) - self.conn.events
+        denied = sorted(e for e in wanted if not self.identity.may_receive(e))
+        if denied:
+            raise FrameError(ErrorCode.FORBIDDEN, f"you may not receive {denied[0]!r}")
         if len(self.conn.events) + len(wanted) > self.gw.settings.max_events:
             raise FrameError(
                 ErrorCode.TOO_MANY_ROOMS, f"at most {self.gw.settings.max_events} event types"

@@ -91,11 +91,12 @@ class Hub:
     # -- membership -------------------------------------------------------------------
     def add(self, conn: Conn) -> None:
         self.conns.add(conn)
-        mine = self.users.setdefault(conn.user, set())
-        mine.add(conn)
-        if len(mine) == 1 and self.feeds is not None:
-            inbox = subjects.inbox(conn.user)
-            self.feeds.open(inbox, conn.user, inbox, inbox_frame)
+        if conn.dms:  # self-chosen names get no DMs (unless INSECURE_DMS)
+            mine = self.users.setdefault(conn.user, set())
+            mine.add(conn)
+            if len(mine) == 1 and self.feeds is not None:
+                inbox = subjects.inbox(conn.user)
+                self.feeds.open(inbox, conn.user, inbox, inbox_frame)
         metrics.CONNECTIONS.set(len(self.conns))
 
     def remove(self, conn: Conn) -> list[str]:

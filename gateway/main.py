@@ -11,6 +11,7 @@ from services.logs import setup_logging
 
 from . import metrics
 from .app import create_app
+from .edge import EdgeState, protocol
 from .settings import GatewaySettings
 from .wire import uvicorn_problem
 
@@ -61,4 +62,15 @@ def run(settings: GatewaySettings) -> None:
         ws_per_message_deflate=False,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
+        http=protocol(
+            EdgeState(
+                settings.handshake_timeout,
+                settings.max_pending_per_ip,
+                settings.forwarded_allowed_ips,
+            )
+        ),
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise: anyone on the
+        # machine could then pick their address (and dodge the per-address limits).
+        proxy_headers=bool(settings.forwarded_allowed_ips.strip()),
+        forwarded_allow_ips=settings.forwarded_allowed_ips.strip() or "",
     )

@@ -29,6 +29,14 @@ class GatewaySettings(ServiceSettings):
     jwt_rooms_claim: str = "rooms"
     """Claim listing the room patterns (``team-*``) the user may join and send to; a token
     without it may use every room."""
+    jwt_events_claim: str = "events"
+    """Claim listing the event-type patterns (``order.*``) the user may ``subscribe`` to (and
+    ask SSE ``events=`` for); a token without it may receive every event type, a token with
+    ``[]`` none. A ``null`` value (like a ``null`` rooms claim) is refused (4001)."""
+    insecure_dms: bool = False
+    """With ``ROOMBUS_AUTH=none`` anyone can claim any name, so ``dm`` and ``dm.history`` are
+    refused (``forbidden``) and unverified connections get no direct messages. ``true`` allows
+    them anyway: for demos only (``roombus up`` sets it)."""
     jwt_leeway: float = Field(default=5.0, ge=0, le=300)
     """Seconds of clock skew tolerated on ``exp`` / ``nbf``."""
     auth_timeout: float = Field(default=5.0, gt=0, le=120)
@@ -40,6 +48,16 @@ class GatewaySettings(ServiceSettings):
     """Open WebSocket connections per gateway; beyond, new ones are closed with 4029."""
     max_connections_per_ip: int = Field(default=200, ge=1)
     """Open connections per client address; beyond, new ones are closed with 4029."""
+    forwarded_allowed_ips: str = ""
+    """Comma-separated addresses or networks (``10.0.0.0/8``; ``*`` = any) of the proxies whose
+    ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are trusted for the client address (per-address
+    limits). Empty: no one's; the client address is the TCP peer."""
+    handshake_timeout: float = Field(default=10.0, gt=0, le=300)
+    """Seconds a new TCP connection (and each request on a kept-alive one) may take to send its
+    complete request headers; then it is dropped (slowloris)."""
+    max_pending_per_ip: int = Field(default=100, ge=1)
+    """TCP connections per client address that have not yet sent complete request headers;
+    beyond, new ones from that address are dropped at once (trusted proxies exempt)."""
     rate_limit: float = Field(default=20.0, gt=0)
     """Frames per second a connection may send (token bucket; ``rate_limited`` beyond)."""
     rate_burst: int = Field(default=40, ge=1)
@@ -68,8 +86,13 @@ class GatewaySettings(ServiceSettings):
     """Longest chat text, in characters (``text_too_long`` beyond)."""
     send_queue: int = Field(default=1024, ge=8, le=1_000_000)
     """Frames buffered per client; when full, new frames are dropped for that client only."""
+    send_buffer_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+    """Bytes buffered per client (WebSocket or SSE) beyond the socket's own 64 KiB; a frame that
+    does not fit is dropped for that client (one frame is always let in, so a page bigger than
+    this still goes to a client that reads)."""
     slow_client_timeout: float = Field(default=5.0, gt=0, le=600)
-    """Seconds a client's buffer may stay full before it is disconnected (close 4008)."""
+    """Seconds a client's buffer may stay full (or, SSE, one write may stay blocked) before it
+    is disconnected (close 4008) and its socket aborted."""
     request_timeout: float = Field(default=2.0, gt=0, le=60)
     """Seconds to wait for the history/presence services to answer a query."""
     ack_timeout: float = Field(default=1.0, gt=0, le=60)

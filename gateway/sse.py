@@ -1,4 +1,10 @@
-"""Server-Sent Events from the bus: ``GET /sse?rooms=a,b&events=x``, ``Last-Event-ID`` replay."""
+"""Server-Sent Events from the bus: ``GET /sse?rooms=a,b&events=x``, ``Last-Event-ID`` replay.
+
+A raw ASGI route, not a framework streaming response: the admission (limits counted before
+any ``await``, so concurrent requests cannot all pass a per-address check), every write
+(a write blocked longer than the slow-client timeout ends the stream) and the teardown are
+all in one coroutine.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from litestar import Request, Response, get
-from litestar.handlers import HTTPRouteHandler
-from litestar.response import Stream
+from litestar import Request, asgi
+from litestar.handlers import ASGIRouteHandler
+from litestar.types import Receive, Scope, Send
 
 from proto.errors import CloseCode, ErrorCode
 from proto.frames import SEQ_MAX, FrameError, encode_frame
@@ -20,6 +26,7 @@ from proto.names import InvalidNameError, check_event_type, check_name
 from . import metrics
 from .auth import AuthError, Identity
 from .conn import Conn
+from .edge import transport_of
 from .handlers import Session
 from .recovery import join_stored, replay
 
@@ -27,6 +34,11 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 KEEPALIVE = 15.0
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 class SseConn(Conn):
@@ -34,8 +46,8 @@ class SseConn(Conn):
     position: its ``seq`` with one room, ``room:seq,room:seq`` with several (each room's
     last delivered ``seq``), so ``Last-Event-ID`` resumes every room exactly.
 
-    The same bounded buffer and slow-client policy as WebSocket; the response body
-    generator is the writer.
+    The same buffer (bounded in frames and bytes) and slow-client policy as WebSocket;
+    :meth:`body` is the writer.
     """
 
     __slots__ = ("positions",)
@@ -61,21 +73,25 @@ class SseConn(Conn):
 
     async def body(self) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
-        buf, wake = self._buf, self._wake
-        assert wake is not None and buf is not None
+        wake = self._wake
+        assert wake is not None
         while not self.is_closed:
-            if not buf:
+            chunk = self.take_all()
+            if not chunk:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(KEEPALIVE):
                         await wake.wait()
-                if not buf:
-                    yield b": keepalive\n\n"
-                    continue
-            chunk = b"".join(buf)
-            buf.clear()
-            self.made_room()
+                if self.is_closed:
+                    return
+                chunk = self.take_all() or b": keepalive\n\n"
             yield chunk
+
+
+class Refused(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 def _room_of(frame: bytes) -> str:
@@ -105,63 +121,102 @@ def _names(raw: str | None, check: Any) -> list[str]:
     return [check(n) for n in (raw or "").split(",") if n]
 
 
-def sse_handler(gw: Gateway) -> HTTPRouteHandler:
-    @get("/sse", include_in_schema=False)
-    async def sse(request: Request[Any, Any, Any]) -> Response[Any]:
-        s = gw.settings
-        if not gw.origin_allowed(request.headers.get("origin")):
-            metrics.REFUSED.labels("origin").inc()
-            return Response(
-                {"code": ErrorCode.FORBIDDEN.value, "message": "origin"}, status_code=403
-            )
+def sse_handler(gw: Gateway) -> ASGIRouteHandler:
+    @asgi("/sse", copy_scope=False)
+    async def sse(scope: Scope, receive: Receive, send: Send) -> None:
+        request: Request[Any, Any, Any] = Request(scope, receive)
         try:
-            rooms = _names(request.query_params.get("rooms"), lambda n: check_name(n, "room"))
-            events = _names(request.query_params.get("events"), check_event_type)
-        except InvalidNameError as exc:
-            return Response(
-                {"code": ErrorCode.BAD_NAME.value, "message": str(exc)}, status_code=400
-            )
-        if len(rooms) > s.max_rooms or len(events) > s.max_events:
-            return _refuse(400, ErrorCode.TOO_MANY_ROOMS.value, "too many rooms or events")
+            admitted = _admit(gw, request)
+        except Refused as exc:
+            await _respond(send, exc.status, {"code": exc.code, "message": exc.message})
+            return
+        # Counted in `_admit` (no await before): released whatever happens from here on.
+        conn, identity, rooms, events, last, ip = admitted
         try:
-            identity = _identity(gw, request)
-        except AuthError as exc:
-            status = 401 if exc.code == CloseCode.UNAUTHORIZED else 403
-            return _refuse(status, str(exc.code.value), exc.reason)
-        forbidden = [r for r in rooms if not identity.may_use(r)]
-        if forbidden:
-            return _refuse(403, ErrorCode.FORBIDDEN.value, f"room {forbidden[0]!r} is not yours")
-        raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        try:
-            last = parse_last_event_id(raw_last, rooms) if raw_last else {}
-        except ValueError:
-            return _refuse(
-                400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a seq or room:seq list"
-            )
-        client = request.scope.get("client")
-        ip = str(client[0]) if client else "unknown"
-        if (
-            len(gw.hub.conns) >= s.max_connections
-            or gw.per_ip.get(ip, 0) >= s.max_connections_per_ip
-        ):
-            metrics.REFUSED.labels("too_many_connections").inc()
-            return _refuse(503, "too_many_connections", "connection limit reached")
-        conn = SseConn(
-            _no_send, identity.user, identity.verified, s.send_queue, s.slow_client_timeout
-        )
-        conn.positions = dict.fromkeys(rooms, 0)
-        conn.start()
-        return Stream(
-            _stream(gw, conn, identity, rooms, events, last, ip),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+            await _stream(gw, conn, identity, rooms, events, last, scope, receive, send)
+        finally:
+            gw.hub.remove(conn)
+            metrics.SSE_STREAMS.dec()
+            n = gw.per_ip.get(ip, 1) - 1
+            if n > 0:
+                gw.per_ip[ip] = n
+            else:
+                gw.per_ip.pop(ip, None)
 
     return sse
 
 
-def _refuse(status: int, code: str, message: str) -> Response[dict[str, str]]:
-    return Response({"code": code, "message": message}, status_code=status)
+def _admit(
+    gw: Gateway, request: Request[Any, Any, Any]
+) -> tuple[SseConn, Identity, list[str], list[str], dict[str, int], str]:
+    """Every check, then the stream counted (per address, per gateway); raises Refused."""
+    s = gw.settings
+    if request.method != "GET":
+        raise Refused(405, ErrorCode.INVALID.value, "use GET")
+    if not gw.origin_allowed(request.headers.get("origin")):
+        metrics.REFUSED.labels("origin").inc()
+        raise Refused(403, ErrorCode.FORBIDDEN.value, "origin")
+    try:
+        rooms = _names(request.query_params.get("rooms"), lambda n: check_name(n, "room"))
+        events = _names(request.query_params.get("events"), check_event_type)
+    except InvalidNameError as exc:
+        raise Refused(400, ErrorCode.BAD_NAME.value, str(exc)) from None
+    if len(rooms) > s.max_rooms or len(events) > s.max_events:
+        raise Refused(400, ErrorCode.TOO_MANY_ROOMS.value, "too many rooms or events")
+    try:
+        identity = _identity(gw, request)
+    except AuthError as exc:
+        status = 401 if exc.code == CloseCode.UNAUTHORIZED else 403
+        raise Refused(status, str(exc.code.value), exc.reason) from None
+    forbidden = [r for r in rooms if not identity.may_use(r)]
+    if forbidden:
+        raise Refused(403, ErrorCode.FORBIDDEN.value, f"room {forbidden[0]!r} is not yours")
+    denied = [e for e in events if not identity.may_receive(e)]
+    if denied:
+        raise Refused(403, ErrorCode.FORBIDDEN.value, f"event {denied[0]!r} is not yours")
+    raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    try:
+        last = parse_last_event_id(raw_last, rooms) if raw_last else {}
+    except ValueError:
+        raise Refused(
+            400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a seq or room:seq list"
+        ) from None
+    client = request.scope.get("client")
+    ip = str(client[0]) if client else "unknown"
+    if len(gw.hub.conns) >= s.max_connections or gw.per_ip.get(ip, 0) >= s.max_connections_per_ip:
+        metrics.REFUSED.labels("too_many_connections").inc()
+        raise Refused(503, "too_many_connections", "connection limit reached")
+    conn = SseConn(
+        _no_send,
+        identity.user,
+        identity.verified,
+        s.send_queue,
+        s.slow_client_timeout,
+        max_bytes=s.send_buffer_bytes,
+    )
+    conn.dms = identity.verified or s.insecure_dms
+    conn.positions = dict.fromkeys(rooms, 0)
+    conn.aborter = getattr(transport_of(request.scope), "abort", None)
+    conn.start()
+    gw.per_ip[ip] = gw.per_ip.get(ip, 0) + 1
+    gw.hub.add(conn)
+    metrics.SSE_STREAMS.inc()
+    return conn, identity, rooms, events, last, ip
+
+
+async def _respond(send: Send, status: int, body: dict[str, str]) -> None:
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 async def _no_send(_message: Any) -> None:  # SseConn has no ASGI writer
@@ -178,6 +233,14 @@ def _identity(gw: Gateway, request: Request[Any, Any, Any]) -> Identity:
     return gw.auth.verify(token)
 
 
+async def _watch_disconnect(receive: Receive, conn: Conn) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            conn.shut(CloseCode.GOING_AWAY)
+            return
+
+
 async def _stream(
     gw: Gateway,
     conn: SseConn,
@@ -185,34 +248,46 @@ async def _stream(
     rooms: list[str],
     events: list[str],
     last: dict[str, int],
-    ip: str,
-) -> AsyncIterator[bytes]:
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
     hub = gw.hub
-    gw.per_ip[ip] = gw.per_ip.get(ip, 0) + 1
-    hub.add(conn)
-    metrics.SSE_STREAMS.inc()
     session = Session(gw, conn, identity)
     expiry = None
     left = gw.auth.seconds_left(identity)
     if left is not None:
         expiry = asyncio.get_running_loop().call_later(max(0.0, left), conn.shut, 4002)
+    watcher = asyncio.create_task(_watch_disconnect(receive, conn))
+    joins = None
     try:
         for event in events:
             hub.subscribe(conn, event)
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         joins = asyncio.create_task(_join_all(gw, session, rooms, last))
         async for chunk in conn.body():
-            yield chunk
-        joins.cancel()
+            try:
+                # uvicorn's send waits for the socket to drain: not longer than a slow
+                # client may take (without this the stream would hang here forever).
+                async with asyncio.timeout(gw.settings.slow_client_timeout):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except TimeoutError:
+                metrics.SLOW_DISCONNECTS.inc()
+                conn.shut(CloseCode.SLOW_CONSUMER)  # aborts the socket
+                break
+        if conn.close_code != CloseCode.SLOW_CONSUMER:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
+        conn.shut(conn.close_code if conn.is_closed else CloseCode.GOING_AWAY)
         if expiry is not None:
             expiry.cancel()
-        hub.remove(conn)
-        metrics.SSE_STREAMS.dec()
-        n = gw.per_ip.get(ip, 1) - 1
-        if n > 0:
-            gw.per_ip[ip] = n
-        else:
-            gw.per_ip.pop(ip, None)
+        for task in (watcher, joins):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 async def _join_all(gw: Gateway, session: Session, rooms: list[str], last: dict[str, int]) -> None:

@@ -7,7 +7,12 @@ framework, a frame built by ``websockets`` and a transport write: per client, pe
 await) and a ``on_writable`` callback when the transport drains below its low-water mark.
 A message fanned out to N local clients is encoded and framed once, then written N times.
 
-Everything else (handshake, reads, ping/pong, close) is uvicorn's, unchanged.
+Two changes to closing: ``abort`` drops a connection at once (a client that never reads is
+not owed a close handshake), and a protocol error (1009 frame too big, 1007 bad UTF-8) no
+longer resets the socket under a client that is still writing: the close frame is sent, our
+side shut for writing, and what the client still sends is read and discarded for up to
+:data:`LINGER` seconds, so it reads the close code instead of a reset.
+Everything else (handshake, reads, ping/pong) is uvicorn's, unchanged.
 
 It subclasses uvicorn's protocol and uses its attributes, which are not public API:
 :func:`uvicorn_problem` checks at startup that the installed uvicorn is in the range this was
@@ -87,6 +92,9 @@ def uvicorn_problem(version: str | None = None, base: Any = None) -> str | None:
 
 SCOPE_KEY = "roombus.wire"
 """The key in the ASGI scope's ``extensions`` under which the protocol offers itself."""
+
+LINGER = 1.0
+"""Seconds a connection closed for a protocol error keeps reading (and discarding)."""
 
 _HEAD_SHORT = struct.Struct("!BB")
 _HEAD_MEDIUM = struct.Struct("!BBH")
@@ -176,6 +184,41 @@ class WireProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
+        self.discarding = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:  # closed for a protocol error: drain what the client still sends
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.discarding:  # the client finished writing: nothing left to protect
+            self.transport.close()
+
+    def handle_parser_exception(self) -> None:
+        """Send the close frame (1009, 1007) and linger instead of closing under the client:
+        closing a socket with unread input makes the kernel send a reset, and the client's
+        stack then drops our close frame before the client reads it."""
+        assert self.conn.close_sent is not None
+        code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.discarding = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        # A pending close timer also keeps uvicorn's run_asgi from closing the transport early.
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(LINGER, self.transport.close)
+
+    def abort(self) -> None:
+        """Drop the connection now: no close handshake, unsent data discarded."""
+        if self.transport is not None:
+            self.transport.abort()  # also when closing: close() would wait for the buffer
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)

@@ -39,10 +39,13 @@ class TokenBucket:
         """Seconds until the next token."""
         return max(0.0, (1 - self.tokens) / self.rate)
 
-    def take(self) -> bool:
+    def refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self) -> bool:
+        self.refill()
         if self.tokens >= 1:
             self.tokens -= 1
             return True
@@ -139,7 +142,9 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
         maxlen=s.send_queue,
         slow_timeout=s.slow_client_timeout,
         wire=from_scope(socket.scope),
+        max_bytes=s.send_buffer_bytes,
     )
+    conn.dms = identity.verified or s.insecure_dms
     conn.inflight = asyncio.Semaphore(s.max_inflight)
     conn.last_seen = time.monotonic()
     conn.start()
@@ -168,7 +173,7 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
         if expiry is not None:
             expiry.cancel()
         gw.hub.remove(conn)
-        if conn.close_code != CloseCode.GOING_AWAY:
+        if conn.close_code not in (CloseCode.GOING_AWAY, CloseCode.SLOW_CONSUMER):
             await conn.flush(0.5)
         await conn.stop()
         if socket.connection_state != "disconnect":
@@ -196,7 +201,15 @@ async def _read_loop(gw: Gateway, socket: WebSocket[Any, Any, Any], session: Ses
                     session.error(ErrorCode.RATE_LIMITED, f"at most {s.rate_limit:g} frames/s")
                 # Stop reading this socket until a token is due: a flood then waits in the
                 # flooder's own buffers (TCP backpressure) instead of costing us CPU per frame.
-                await asyncio.sleep(bucket.wait_time())
+                # Re-check after the sleep: the loop's clock (uvloop's is cached per iteration,
+                # in ms) may wake us a little early, and reading then dropped the next frame
+                # too, and the next: a burst of 1,000 frames was read and discarded in
+                # seconds, with one error a second, while the client waited for answers.
+                while True:
+                    await asyncio.sleep(max(bucket.wait_time(), 0.001))
+                    bucket.refill()
+                    if bucket.tokens >= 1:
+                        break
                 continue
             text = event.get("text")
             if not isinstance(text, str):

@@ -14,7 +14,9 @@ Then: ``build``, ``up -d --scale gateway=3``, and from outside the containers, t
 load balancer's published port on loopback: clients spread over all three replicas (counted by
 each replica's ``roombus_gateway_open_connections``), messages cross replicas, sends are acked
 and stored (``history`` query), presence counts every member; scale to 1 and back to 3 and the
-load balancer follows without a restart; ``down -v``; stop dockerd if this script started it.
+load balancer follows without a restart; the per-address limit counts this host's own address
+through HAProxy (a forged ``X-Forwarded-For`` changes nothing, another address is still
+served); ``down -v``; stop dockerd if this script started it.
 
 The stack stays on this machine: dockerd runs with ``--ip-forward=false --ip-masq=false``, the
 published ports bind 127.0.0.1, and only build steps (apt-get, pip) use the host network to
@@ -45,6 +47,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
 from services.ports import free_port, port_free  # noqa: E402
 from tests.support.client import Client, close_all  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
@@ -55,6 +60,8 @@ BASE_IMAGE = "roombus-standin/debian:bookworm"
 STANDIN_LABEL = "org.roombus.standin"
 LOCK = Path("/tmp/roombus-compose-check.lock")
 GATEWAYS = 3
+PER_IP = 12
+"""MAX_CONNECTIONS_PER_IP of the gateways in the check (the per-address step fills it)."""
 T0 = time.monotonic()
 
 
@@ -652,11 +659,57 @@ def e2e(stack: Stack, lb_port: int, stats_port: int, services: set[str]) -> dict
     assert stack.containers("lb") == [lb_cid], "the load balancer was recreated"
     say("the load balancer was neither restarted nor recreated")
 
+    # 4. the per-address limit sees each client's own address through HAProxy, and a forged
+    # X-Forwarded-For changes nothing (HAProxy replaces it).
+    report["per_ip"] = asyncio.run(per_ip_round(stack, url, lb_cid))
+    say(
+        f"per-address limit through HAProxy: {PER_IP * GATEWAYS} from this host accepted, the"
+        f" next refused with {report['per_ip']['next']} (a forged X-Forwarded-For too); another"
+        f" address still served (HTTP {report['per_ip']['other']})"
+    )
+
     if "history" in services:
         replicas = len(stack.containers("history"))
         assert replicas == 2, f"history runs {replicas} replicas, compose.yaml says 2"
         report["history_replicas"] = replicas
     return report
+
+
+async def refused_code(url: str, headers: dict[str, str]) -> int | None:
+    """The close code a new WebSocket gets before any frame, or None when it is served."""
+    ws = await connect(url + "?user=onemore", additional_headers=headers, open_timeout=10)
+    try:
+        await asyncio.wait_for(ws.recv(), 10)
+    except ConnectionClosed:
+        return ws.close_code
+    finally:
+        await ws.close()
+    return None
+
+
+def sse_status_inside(cid: str) -> str:
+    """Status line of GET /sse sent from inside the lb container (another client address)."""
+    probe = (
+        "exec 3<>/dev/tcp/127.0.0.1/8080 &&"
+        " printf 'GET /sse?user=inside HTTP/1.0\\r\\nHost: lb\\r\\n\\r\\n' >&3 &&"
+        " timeout 5 head -c 12 <&3"
+    )
+    out = run("docker", "exec", cid, "bash", "-c", probe, capture=True, check=False, timeout=30)
+    return out.stdout.strip()
+
+
+async def per_ip_round(stack: Stack, url: str, lb_cid: str) -> dict[str, Any]:
+    await asyncio.to_thread(wait_spread, stack, 0, GATEWAYS)  # the earlier clients left
+    # leastconn fills the replicas evenly: PER_IP each from this host's address.
+    await connect_many(url, "ip", PER_IP * GATEWAYS)
+    nxt = await refused_code(url, {})
+    forged = await refused_code(url, {"X-Forwarded-For": "198.51.100.7"})
+    assert nxt == 4029, f"connection {PER_IP * GATEWAYS + 1} from one address got {nxt}"
+    assert forged == 4029, f"a forged X-Forwarded-For got past the per-address limit ({forged})"
+    other = await asyncio.to_thread(sse_status_inside, lb_cid)
+    assert other.endswith("200"), f"another address was refused too (HAProxy hides it?): {other}"
+    await close_all()
+    return {"next": nxt, "forged": forged, "other": other.split()[-1]}
 
 
 def check_image(image: str) -> None:
@@ -759,6 +812,7 @@ def main() -> int:
                 "NATS_BIND": "127.0.0.1",
                 "NATS_HOST_PORT": str(free_port()),
                 "NATS_MONITOR_HOST_PORT": str(free_port()),
+                "MAX_CONNECTIONS_PER_IP": str(PER_IP),
             }
             nodes: list[str] = []
             if args.cluster:

@@ -57,17 +57,15 @@ def serve(app: Litestar, settings: ServiceSettings, **uvicorn_options: Any) -> N
     handlers up to ``shutdown_timeout``, then runs the app's lifespan shutdown
     (which drains NATS). The process exits 0.
     """
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout)),
+    options: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
+        "loop": "uvloop",
+        "http": "httptools",
+        "timeout_graceful_shutdown": int(max(1, settings.shutdown_timeout)),
         **uvicorn_options,
-    )
+    }
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, **options)
     server = _Server(config)
     server.run()

@@ -125,7 +125,8 @@ def run_up(args: dict[str, Any]) -> int:
         Child(
             f"gateway-{i + 1}",
             [*py, "gateway", "--host", args["host"], "--port", str(port)],
-            {**env, "INSTANCE": f"gateway-{i + 1}"},
+            # A local demo with self-named users: DMs on (unless the environment says no).
+            {"INSECURE_DMS": "true", **env, "INSTANCE": f"gateway-{i + 1}"},
         )
         for i, port in enumerate(gw_ports)
     ]

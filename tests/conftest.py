@@ -78,8 +78,13 @@ def services(tmp_path: Path) -> Iterator[ServiceFactory]:
             with_history.add(url)
         elif service == "gateway" and history and url not in with_history:
             start("history", nats, EPHEMERAL_ROOMS=str(env.get("EPHEMERAL_ROOMS", "")))
-        # Tests blast hundreds of frames a second; the rate-limit tests set their own.
-        defaults = {"RATE_LIMIT": "100000", "RATE_BURST": "100000"} if service == "gateway" else {}
+        # Tests blast hundreds of frames a second; the rate-limit tests set their own. Most
+        # run with ROOMBUS_AUTH=none and exchange DMs (the tests of the default set it false).
+        defaults = (
+            {"RATE_LIMIT": "100000", "RATE_BURST": "100000", "INSECURE_DMS": "true"}
+            if service == "gateway"
+            else {}
+        )
         proc = ServiceProc(
             service,
             env={

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import nats
 import pytest
@@ -158,6 +159,21 @@ async def test_joining_a_room_outside_the_token_patterns_is_forbidden(gateway: S
     await honest_client_still_chats(gateway)
 
 
+async def test_subscribing_to_events_outside_the_token_patterns_is_forbidden(
+    gateway: ServiceProc,
+) -> None:
+    c = await authed(gateway, "teamer", rooms=["team-*"], events=["order.*"])
+    await c.send("subscribe", events=["billing.invoice"])
+    await c.error("forbidden")
+    await c.send("subscribe", events=["order.created"])
+    assert (await c.next("subscribed"))["data"]["events"] == ["order.created"]
+    async with httpx.AsyncClient(timeout=10) as http:
+        url = f"{gateway.http}/sse?events=billing.invoice&token={token('teamer', events=[])}"
+        r = await http.get(url)
+        assert r.status_code == 403 and r.json()["code"] == "forbidden"
+    await honest_client_still_chats(gateway)
+
+
 async def test_a_user_can_never_speak_as_another(gateway: ServiceProc) -> None:
     url = f"{gateway.ws_url}?token={token('bob')}&user=alice"
     c = await Client.open(url, "alice")
@@ -215,6 +231,18 @@ CLOSE_CASES: list[tuple[str, Callable[[], str], str | None, int]] = [
         4001,
     ),
     ("bad-first-frame", lambda: "", '{"type":"join","data":{"room":"x"}}', 4001),
+    # `null` must not mean "every room / event"; a string exp would never fire the expiry.
+    ("rooms-null", lambda: f"?token={token('nully', rooms=None)}", None, 4001),
+    ("events-null", lambda: f"?token={token('nully', events=None)}", None, 4001),
+    (
+        "exp-numeric-string",
+        lambda: (
+            "?token="
+            + jwt.encode({"sub": "x", "exp": str(int(time.time()) + 600)}, SECRET, "HS256")
+        ),
+        None,
+        4001,
+    ),
 ]
 
 
