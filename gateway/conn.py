@@ -20,25 +20,30 @@ Send = Callable[[Any], Awaitable[None]]
 
 
 class Catch:
-    """Live frames of one room held for a connection while its replay is read (bounded: past
-    ``limit`` they are dropped and the replay reads them from the stream instead)."""
+    """Live frames of one room held for a connection while its replay is read, bounded in
+    frames and bytes: past either they are dropped and the replay reads them from the stream
+    instead (nothing is lost, memory stays bounded)."""
 
-    __slots__ = ("rows", "overflow", "limit")
+    __slots__ = ("rows", "overflow", "limit", "size", "max_bytes")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int = 4 * 1024 * 1024) -> None:
         self.rows: list[tuple[int, int, bytes]] = []
         self.overflow = False
         self.limit = limit
+        self.size = 0
+        self.max_bytes = max_bytes
 
     def add(self, seq: int, prev: int, frame: bytes) -> None:
         if self.overflow:
             return
-        if len(self.rows) >= self.limit:
+        if len(self.rows) >= self.limit or self.size + len(frame) > self.max_bytes:
             self.overflow = True
             self.rows.clear()
+            self.size = 0
             metrics.DROPPED.labels("replay_buffer_reread").inc()
             return
         self.rows.append((seq, prev, frame))
+        self.size += len(frame)
 
 
 class Conn:

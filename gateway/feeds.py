@@ -25,6 +25,8 @@ from . import metrics
 log = logging.getLogger("roombus.gateway.feeds")
 
 HEAL_BATCH = 500
+HOLD_BYTES = 8 * 1024 * 1024
+"""Bytes of live messages one feed holds while it heals; past it they are read again."""
 RETRY_MAX = 2.0
 
 Row = tuple[int, int, bytes]
@@ -63,6 +65,7 @@ class Feed:
         "last",
         "busy",
         "held",
+        "held_bytes",
         "overflow",
         "ready",
         "closed",
@@ -80,6 +83,7 @@ class Feed:
         """The last ``seq`` delivered to local members (None until the start is read)."""
         self.busy = True
         self.held: list[tuple[int, int, bytes]] = []
+        self.held_bytes = 0
         self.overflow = False
         self.ready = asyncio.Event()
         self.closed = False
@@ -128,6 +132,7 @@ class Feeds:
             if feed.task is not None:
                 feed.task.cancel()
             feed.last, feed.busy, feed.held, feed.overflow = None, True, [], False
+            feed.held_bytes = 0
             feed.ready = asyncio.Event()
             self._heal(feed)
         return feeds
@@ -139,11 +144,15 @@ class Feeds:
         if feed is None:
             return
         if feed.busy:
-            if len(feed.held) < self.hold_max:
+            if feed.overflow:
+                return
+            if len(feed.held) < self.hold_max and feed.held_bytes + len(data) <= HOLD_BYTES:
                 feed.held.append((seq, prev, data))
-            elif not feed.overflow:
+                feed.held_bytes += len(data)
+            else:
                 feed.overflow = True  # the healer reads these from the stream instead
                 feed.held.clear()
+                feed.held_bytes = 0
                 metrics.DROPPED.labels("feed_overflow_reread").inc()
             return
         assert feed.last is not None
@@ -212,7 +221,7 @@ class Feeds:
             if feed.overflow:
                 feed.overflow = False
                 continue
-            held, feed.held = sorted(feed.held), []
+            held, feed.held, feed.held_bytes = sorted(feed.held), [], 0
             gap = False
             for i, (seq, prev, data) in enumerate(held):
                 if seq <= feed.last:
@@ -221,6 +230,7 @@ class Feeds:
                     # The stream has what is missing (a read that found nothing means it
                     # expired already: go on with what is there).
                     feed.held = held[i:] + feed.held
+                    feed.held_bytes = sum(len(r[2]) for r in feed.held)
                     gap = True
                     break
                 self._emit(feed, seq, prev, data)

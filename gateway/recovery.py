@@ -50,7 +50,7 @@ async def join_stored(
     if room in conn.rooms:  # joined already: where it stands now
         since = None
     elif since is not None:
-        conn.catching[key] = Catch(gw.settings.replay_buffer)
+        conn.catching[key] = Catch(gw.settings.replay_buffer, gw.settings.send_buffer_bytes * 4)
     gw.hub.join(conn, room)
     try:
         position = await _ready(gw, conn, room)
