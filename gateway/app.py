@@ -89,10 +89,12 @@ class Gateway:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = self._bus is not None and self._bus.connected
+        storage = self._publisher is not None and self._publisher.storage_up
         detail = {
             "nats": connected,
             "accepting": self.accepting,
             "history_stream": bool(self.epoch),
+            "storage": storage,  # said, not failed on: every gateway has the same storage
         }
         return connected and self.accepting, detail
 

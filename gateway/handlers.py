@@ -231,8 +231,15 @@ class Session:
 
     async def _send_stored(self, subject: str, payload: bytes, client_id: str | None) -> None:
         key = idempotency_key(self.conn.user, subject, client_id)
-        # Storage acks come back asynchronously: the reader goes on with the next frame,
-        # up to `max_inflight` unacked sends, then stops reading (TCP backpressure).
+        # Storage acks come back asynchronously: the reader goes on with the next frame.
+        # It never waits for storage (pongs, presence, other rooms go on): past
+        # `max_inflight` unacked sends a send is refused at once, naming its client_id.
+        if self.conn.inflight.locked():
+            metrics.CLIENT_ERRORS.labels("inflight_full").inc()
+            raise FrameError(
+                ErrorCode.UNAVAILABLE,
+                f"{self.gw.settings.max_inflight} sends are waiting for storage: resend later",
+            )
         await self.conn.inflight.acquire()
         self.gw.spawn(self._publish(subject, payload, key, client_id), f"publish-{key}")
 

@@ -19,6 +19,9 @@ BUS_IN = Counter("roombus_gateway_bus_messages_total", "Bus messages received", 
 BUS_MALFORMED = Counter(
     "roombus_gateway_bus_malformed_total", "Bus payloads dropped as malformed", ["kind"]
 )
+STORAGE_UP = Gauge(
+    "roombus_gateway_storage_up", "1 while sends are being stored; 0 since one could not be"
+)
 NOT_STORED = Counter("roombus_gateway_not_stored_total", "Messages never acked by storage")
 ACK_SECONDS = Histogram(
     "roombus_gateway_ack_seconds",

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 
+import orjson
 from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
@@ -34,6 +35,18 @@ class NotStored(Exception):
         self.message = message
 
 
+def _refusal(data: bytes) -> NotStored | None:
+    """The history service's error reply (``{"error": {code, message}}``), if it is one."""
+    if not data.startswith(b'{"error"'):
+        return None
+    try:
+        err = orjson.loads(data)["error"]
+        code = ErrorCode(str(err.get("code")))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, err = ErrorCode.NOT_STORED, {}
+    return NotStored(code, str(err.get("message") or "not stored")[:300])
+
+
 def idempotency_key(user: str, subject: str, client_id: str | None) -> str:
     """The ``Nats-Msg-Id`` of a send: derived from (user, target, client_id), so a retry through
     any gateway is the same key; random without a client_id (only this gateway retries it)."""
@@ -56,6 +69,18 @@ class Publisher:
     def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
         self.bus = bus
         self.settings = settings
+        self.storage_up = True
+        """False since a send could not be stored (no history replica, refused, timed out),
+        until the next ack: ``/readyz`` and ``roombus_gateway_storage_up`` say so."""
+        metrics.STORAGE_UP.set(1)
+
+    def _storage(self, up: bool) -> None:
+        if up != self.storage_up:
+            self.storage_up = up
+            metrics.STORAGE_UP.set(1 if up else 0)
+            (log.info if up else log.warning)(
+                "storage is back" if up else "storage unavailable: sends are refused"
+            )
 
     async def store(self, subject: str, payload: bytes, key: str) -> StoreAck:
         """Publish and wait for the storage ack; raises :class:`NotStored`."""
@@ -71,9 +96,17 @@ class Publisher:
             started = time.monotonic()
             try:
                 reply = await nc.request(subject, payload, timeout=delay, headers=headers)
+                refused = _refusal(reply.data)
+                if refused is not None:
+                    self._storage(False)
+                    metrics.NOT_STORED.inc()
+                    raise refused
                 ack = StoreAck.model_validate_json(reply.data)
                 metrics.ACK_SECONDS.observe(time.monotonic() - started)
+                self._storage(True)
                 return ack
+            except NotStored:
+                raise
             except (ValidationError, ValueError):
                 log.warning("unexpected storage ack", extra={"key": key})
             except asyncio.CancelledError:
@@ -84,6 +117,7 @@ class Publisher:
                 now = time.monotonic()
                 nobody_since = nobody_since or now
                 if now - nobody_since >= NO_RESPONDERS_GRACE:
+                    self._storage(False)
                     metrics.NOT_STORED.inc()
                     raise NotStored(
                         ErrorCode.UNAVAILABLE, "no history service is running: not stored"
@@ -99,6 +133,7 @@ class Publisher:
                 log.debug("storage ack missing", extra={"key": key, "error": repr(exc)})
             nobody_since = None
             if time.monotonic() >= deadline:
+                self._storage(False)
                 metrics.NOT_STORED.inc()
                 raise NotStored(ErrorCode.NOT_STORED, "the message was not confirmed stored")
             delay = min(delay * 2, RETRY_DELAY_MAX, max(0.05, deadline - time.monotonic()))

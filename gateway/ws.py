@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("roombus.gateway.ws")
 
 
+CREDIT_MAX = 30.0
+
+
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up."""
 
@@ -41,8 +44,19 @@ class TokenBucket:
 
     def refill(self) -> None:
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        # (never below what it holds: credit may have lifted it past the burst)
+        self.tokens = max(
+            self.tokens, min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        )
         self.stamp = now
+
+    def credit(self, seconds: float) -> None:
+        """The server kept the client waiting ``seconds``: the frames it sent meanwhile are
+        owed tokens beyond the burst (at most ``CREDIT_MAX`` seconds' worth)."""
+        if seconds > 0.01:
+            self.refill()
+            cap = self.burst + self.rate * CREDIT_MAX
+            self.tokens = min(cap, self.tokens + seconds * self.rate)
 
     def take(self) -> bool:
         self.refill()
@@ -50,6 +64,16 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+def _client_id(text: str) -> str | None:
+    """The ``client_id`` of a frame about to be dropped (parsed only then)."""
+    try:
+        frame = orjson.loads(text)
+        cid = frame["data"]["client_id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return cid[:64] if isinstance(cid, str) else None
 
 
 def client_ip(socket: WebSocket[Any, Any, Any]) -> str:
@@ -196,7 +220,15 @@ async def _read_loop(gw: Gateway, socket: WebSocket[Any, Any, Any], session: Ses
             if not bucket.take():
                 metrics.DROPPED.labels("rate_limited").inc()
                 now = time.monotonic()
-                if now - last_rate_error >= 1.0:  # one error a second, not one per frame
+                text = event.get("text")
+                cid = _client_id(text) if isinstance(text, str) else None
+                if cid is not None:  # a dropped send is always named: the client resends it
+                    session.error(
+                        ErrorCode.RATE_LIMITED,
+                        f"at most {s.rate_limit:g} frames/s: not sent",
+                        client_id=cid,
+                    )
+                elif now - last_rate_error >= 1.0:  # one error a second, not one per frame
                     last_rate_error = now
                     session.error(ErrorCode.RATE_LIMITED, f"at most {s.rate_limit:g} frames/s")
                 # Stop reading this socket until a token is due: a flood then waits in the
@@ -216,6 +248,11 @@ async def _read_loop(gw: Gateway, socket: WebSocket[Any, Any, Any], session: Ses
                 metrics.CLIENT_ERRORS.labels(ErrorCode.BAD_FRAME.value).inc()
                 conn.offer(error_frame(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
                 continue
+            started = time.monotonic()
             await session.handle_text(text)
+            # While we were busy (a join or a query waiting on a backing service) the client's
+            # frames waited in our buffers: that time is credited, so a backlog we caused is
+            # never charged to the client as a burst.
+            bucket.credit(time.monotonic() - started)
     finally:
         conn.shut(conn.close_code if conn.is_closed else CloseCode.GOING_AWAY)

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from litestar import Litestar
 from nats.aio.msg import Msg
+from nats.js.errors import APIError
 from pydantic import ValidationError
 
 from proto import subjects
@@ -21,6 +22,7 @@ from proto.errors import ErrorCode
 from proto.redis import ORIGIN_HEADER
 from proto.svc import PAGE_BYTES_MAX, HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
 from services.bus import Bus, connect
+from services.jetstream import note_storage_refusal
 from services.logs import RateLimitedLog
 from services.streamread import Stored, StreamReader
 
@@ -176,6 +178,18 @@ class HistoryService:
             seq, duplicate = results[0][0], all(d for _, d in results)
             if duplicate:
                 msg_id = await self._original_id(seq) or msg_id
+        except APIError as exc:
+            # JetStream refused it (no space, ...): the sender is told at once, and why.
+            metrics.STORE_FAILED.inc()
+            if not note_storage_refusal(subjects.HISTORY_STREAM, exc):
+                self._badlog.warning("store_refused", "store refused", error=repr(exc)[:200])
+            if reply:
+                body = service_error(
+                    ErrorCode.NOT_STORED, f"storage refused the message: {exc.description}"
+                )
+                with contextlib.suppress(Exception):
+                    await self._bus.nc.publish(reply, orjson.dumps(body))
+            return
         except Exception as exc:
             # No ack goes back: the sender retries with the same Nats-Msg-Id, and JetStream's
             # duplicate window makes that retry safe even if this store did land.
@@ -251,8 +265,14 @@ class HistoryService:
         finally:
             self._query_slots.release()
         metrics.QUERY_SECONDS.observe(time.perf_counter() - start)
-        with contextlib.suppress(Exception):
+        try:
             await msg.respond(orjson.dumps(body))
+        except Exception as exc:  # e.g. over the server's max_payload
+            metrics.QUERIES.labels("any", "reply_failed").inc()
+            self._badlog.warning("reply_failed", "history reply failed", error=repr(exc)[:200])
+            body = service_error(ErrorCode.UNAVAILABLE, "the page could not be sent; ask less")
+            with contextlib.suppress(Exception):
+                await msg.respond(orjson.dumps(body))
 
     async def _page(
         self, subject: str, before: int | None, after: int | None, limit: int

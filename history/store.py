@@ -62,14 +62,15 @@ class Store:
         delay = 0.1
         headers = {**(extra or {}), **({"Nats-Msg-Id": msg_id} if msg_id else {})} or None
         while True:
-            fut = await self.js.publish_async(
-                subject,
-                payload,
-                headers=headers,
-                wait_stall=self.settings.history_store_timeout,
-            )
+            # An awaited publish (not publish_async): JetStream's refusals (a full store, a
+            # stream at its bound with discard new) arrive here as APIError, at once.
             try:
-                ack = await asyncio.wait_for(fut, max(0.01, deadline - loop.time()))
+                ack = await self.js.publish(
+                    subject,
+                    payload,
+                    timeout=max(0.01, deadline - loop.time()),
+                    headers=headers,
+                )
             except NoStreamResponseError:
                 if loop.time() + delay >= deadline:
                     raise

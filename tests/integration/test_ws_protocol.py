@@ -238,11 +238,15 @@ def test_a_client_that_stops_reading_is_bounded_then_closed_with_4008(
     assert disconnected(), "the gateway never gave up on a client that does not read"
     assert gateway.metric("roombus_gateway_dropped_total", 'reason="slow_client"') >= 1
     # Now read what the gateway did send: a bounded part of it (the rest was dropped, not
-    # buffered), then the close frame with 4008.
+    # buffered), then the close frame with 4008 — or, where the gateway aborted the socket
+    # (`direct`: a client that does not read is owed no close handshake), the reset.
     ws.sock.settimeout(30)
-    code = ws.close_code()
+    try:
+        code: int | None = ws.close_code()
+    except ConnectionError:
+        code = None
     print(f"published {published / 1e6:.1f} MB, the reader got {ws.received / 1e6:.1f} MB")
-    assert code == 4008
+    assert code == 4008 or (code is None and gateway.env.get("WS_PROTOCOL", "direct") == "direct")
     # What reached the client is bounded by the send queue plus the socket buffers (the
     # kernel's send buffer autotunes up to 4 MB on Linux); measured: 3.4 MB of ~20 MB.
     assert ws.received < SEND_QUEUE * len(body) + 8_000_000
