@@ -23,6 +23,7 @@ from services.streamread import ReadError, StreamReader
 
 from .api import api_handlers
 from .auth import Authenticator
+from .budget import QueryBudget
 from .hub import Hub
 from .presence import PresenceReporter
 from .publisher import Publisher
@@ -48,6 +49,7 @@ class Gateway:
         """The HISTORY stream's epoch (``joined`` reports it; a recreated stream has a new one)."""
         self.auth = Authenticator(settings)
         self.per_ip: dict[str, int] = {}
+        self.queries = QueryBudget(settings.history_rate, settings.history_burst)
         self._publisher: Publisher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Unique per process: presence keys of a restarted gateway are new keys.

@@ -111,6 +111,8 @@ class Session:
             joined = await self.joined_data(room)
             self.send(encode_frame("joined", {**joined, "ephemeral": True}))
             return
+        if data.since is not None:
+            self.charge_query()  # a replay reads the stream: it counts as a query
         # Presence first: from the join on, nothing may await before `joined` goes out (the
         # room's messages must not overtake it).
         joined = await self.joined_data(room)
@@ -247,9 +249,19 @@ class Session:
         if not self.conn.dms:  # an unverified name (ROOMBUS_AUTH=none) is anyone's to claim
             raise FrameError(ErrorCode.FORBIDDEN, "direct messages need a verified user")
 
+    def charge_query(self) -> None:
+        """One query of the user's budget (``HISTORY_RATE``), or ``rate_limited``."""
+        if not self.gw.queries.take(self.conn.user):
+            metrics.DROPPED.labels("query_budget").inc()
+            raise FrameError(
+                ErrorCode.RATE_LIMITED,
+                f"at most {self.gw.settings.history_rate:g} history queries/s per user",
+            )
+
     async def on_dm_history(self, data: f.DmHistoryData) -> None:
         """Only the user's own inbox: the query names the connection's user, nobody else."""
         self.require_dms()
+        self.charge_query()
         user = self.conn.user
         query = {"user": user, "before": data.before, "after": data.after, "limit": data.limit}
         reply = await self.request(subjects.svc_inbox(user), query, "history")
@@ -284,6 +296,7 @@ class Session:
 
     async def on_history(self, data: f.HistoryData) -> None:
         room = self.require_room(data.room)
+        self.charge_query()
         query = {"room": room, "before": data.before, "limit": data.limit}
         reply = await self.request(subjects.svc_history(room), query, "history")
         self.send(encode_frame("history", reply))

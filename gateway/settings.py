@@ -93,6 +93,11 @@ class GatewaySettings(ServiceSettings):
     slow_client_timeout: float = Field(default=5.0, gt=0, le=600)
     """Seconds a client's buffer may stay full (or, SSE, one write may stay blocked) before it
     is disconnected (close 4008) and its socket aborted."""
+    history_rate: float = Field(default=5.0, gt=0)
+    """History queries per second one user may make through this gateway (``history``,
+    ``dm.history``, ``join`` with ``since``); beyond, ``rate_limited``."""
+    history_burst: int = Field(default=20, ge=1)
+    """History queries one user may make in a burst above ``history_rate``."""
     request_timeout: float = Field(default=2.0, gt=0, le=60)
     """Seconds to wait for the history/presence services to answer a query."""
     ack_timeout: float = Field(default=1.0, gt=0, le=60)

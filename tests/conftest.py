@@ -81,7 +81,13 @@ def services(tmp_path: Path) -> Iterator[ServiceFactory]:
         # Tests blast hundreds of frames a second; the rate-limit tests set their own. Most
         # run with ROOMBUS_AUTH=none and exchange DMs (the tests of the default set it false).
         defaults = (
-            {"RATE_LIMIT": "100000", "RATE_BURST": "100000", "INSECURE_DMS": "true"}
+            {
+                "RATE_LIMIT": "100000",
+                "RATE_BURST": "100000",
+                "HISTORY_RATE": "100000",
+                "HISTORY_BURST": "100000",
+                "INSECURE_DMS": "true",
+            }
             if service == "gateway"
             else {}
         )

@@ -90,7 +90,7 @@ async def test_history_down_senders_are_told_at_once_and_everything_else_goes_on
     await other.next("event", event="ops.alert")
     await other.send("presence", room=room)
 
-    def members() -> list[object]:
+    def members() -> list[list[str]]:
         return [f["data"]["members"] for f in other.of("presence") if "members" in f["data"]]
 
     await other.wait(lambda _: members(), 10, "the member list")
