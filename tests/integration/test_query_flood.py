@@ -86,7 +86,8 @@ async def test_a_query_flood_does_not_deny_history_to_others(
     q, p = _p99(quiet), _p99(loud)
     mq, ml = statistics.median(quiet), statistics.median(loud)
     print(
-        f"honest median {mq * 1000:.1f} / {ml * 1000:.1f} ms; p99 {q * 1000:.1f} ms quiet, {p * 1000:.1f} ms during a flood of 20"
+        f"honest median {mq * 1000:.1f} / {ml * 1000:.1f} ms; p99 {q * 1000:.1f} ms quiet,"
+        f" {p * 1000:.1f} ms during a flood of 20"
         f" connections ({answered} flood queries answered, {limited} refused)"
     )
     # 2x the quiet p99, plus 50 ms: the flooders, both replicas, NATS and this test share the
