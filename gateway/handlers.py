@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("roombus.gateway.handlers")
+
+INFLIGHT_WAIT = 1.0
+"""Seconds (at least; twice ``ack_timeout`` when that is longer: a retry's worth) a send waits
+for one of its connection's `max_inflight` slots before storage is taken as down and sends
+are refused at once."""
 
 
 class Session:
@@ -234,15 +240,28 @@ class Session:
     async def _send_stored(self, subject: str, payload: bytes, client_id: str | None) -> None:
         key = idempotency_key(self.conn.user, subject, client_id)
         # Storage acks come back asynchronously: the reader goes on with the next frame.
-        # It never waits for storage (pongs, presence, other rooms go on): past
-        # `max_inflight` unacked sends a send is refused at once, naming its client_id.
-        if self.conn.inflight.locked():
+        # Past `max_inflight` unacked sends it waits for a slot (backpressure for a bulk
+        # sender), but never long: storage that frees no slot within INFLIGHT_WAIT is taken
+        # as down, and from then on (until an ack) sends are refused at once, named, so the
+        # socket is read all along (pongs, presence, other rooms).
+        inflight, publisher = self.conn.inflight, self.gw.publisher
+        if inflight.locked():
+            if publisher.storage_up:
+                try:
+                    wait = max(INFLIGHT_WAIT, 2 * self.gw.settings.ack_timeout)
+                    async with asyncio.timeout(wait):
+                        await inflight.acquire()
+                except TimeoutError:
+                    publisher.storage_slow()
+                else:
+                    self.gw.spawn(self._publish(subject, payload, key, client_id), key)
+                    return
             metrics.CLIENT_ERRORS.labels("inflight_full").inc()
             raise FrameError(
                 ErrorCode.UNAVAILABLE,
                 f"{self.gw.settings.max_inflight} sends are waiting for storage: resend later",
             )
-        await self.conn.inflight.acquire()
+        await inflight.acquire()
         self.gw.spawn(self._publish(subject, payload, key, client_id), f"publish-{key}")
 
     def require_dms(self) -> None:

@@ -74,6 +74,10 @@ class Publisher:
         until the next ack: ``/readyz`` and ``roombus_gateway_storage_up`` say so."""
         metrics.STORAGE_UP.set(1)
 
+    def storage_slow(self) -> None:
+        """Sends wait on storage for too long: take it as down until the next ack."""
+        self._storage(False)
+
     def _storage(self, up: bool) -> None:
         if up != self.storage_up:
             self.storage_up = up

@@ -105,8 +105,9 @@ class GatewaySettings(ServiceSettings):
     ack_deadline: float = Field(default=30.0, gt=0, le=3600)
     """Seconds after which an unacked message is reported ``not_stored`` to its sender."""
     max_inflight: int = Field(default=128, ge=1, le=10_000)
-    """Unacked messages per connection; beyond it a send is refused at once (``unavailable``,
-    naming its ``client_id``) — the gateway never stops reading a socket for storage."""
+    """Unacked messages per connection; beyond it a send waits for a slot (at most a second),
+    or, while storage is down, is refused at once (``unavailable``, naming its ``client_id``):
+    the gateway never stops reading a socket for long."""
     replay_buffer: int = Field(default=10_000, ge=100)
     """Live messages held per joining client (and per healing room) while stored ones are read;
     past it they are read from the stream again instead (never dropped)."""

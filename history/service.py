@@ -179,10 +179,13 @@ class HistoryService:
             if duplicate:
                 msg_id = await self._original_id(seq) or msg_id
         except APIError as exc:
-            # JetStream refused it (no space, ...): the sender is told at once, and why.
             metrics.STORE_FAILED.inc()
             if not note_storage_refusal(subjects.HISTORY_STREAM, exc):
-                self._badlog.warning("store_refused", "store refused", error=repr(exc)[:200])
+                # Transient (e.g. "duplicate message id is in process" while a cluster
+                # elects): no answer, the sender retries with the same Nats-Msg-Id.
+                self._badlog.warning("store_retry", "store not done", error=repr(exc)[:200])
+                return
+            # No space: the sender is told at once, and why.
             if reply:
                 body = service_error(
                     ErrorCode.NOT_STORED, f"storage refused the message: {exc.description}"

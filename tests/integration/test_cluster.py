@@ -165,7 +165,9 @@ async def start_stack(
     for _ in range(2):
         services("history", cluster, **R3)
     services("presence", cluster, **R3)
-    gateways = [services("gateway", cluster, **R3) for _ in range(2)]
+    # The senders keep sending through an election of several seconds: room for every send
+    # they make meanwhile to wait for its ack (past MAX_INFLIGHT a send would be refused).
+    gateways = [services("gateway", cluster, MAX_INFLIGHT=2000, **R3) for _ in range(2)]
     traffic = await Traffic.open(room, gateways)
     return gateways, traffic
 
