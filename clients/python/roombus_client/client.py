@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 from .connection import NAME_RE, Connection
 from .mailbox import Mailbox
@@ -75,9 +75,10 @@ class Client(Connection):
             raise ValueError(f"bad user id {to!r}")
         return await self.send_stored("dm", {"to": to, "text": text}, None, client_id, timeout)
 
-    def direct_messages(self) -> AsyncIterator[DirectMessage]:
-        """Direct messages to and from this user, live, each once (by inbox ``seq``)."""
-        return aiter(self._dms)
+    def direct_messages(self) -> Mailbox[DirectMessage]:
+        """Direct messages to and from this user, live, each once (by inbox ``seq``):
+        ``async for dm in c.direct_messages()``."""
+        return self._dms
 
     async def dm_history(
         self, *, before: int | None = None, after: int | None = None, limit: int = 50
@@ -91,7 +92,7 @@ class Client(Connection):
         reply = await self.request("dm.history", data)
         return [DirectMessage.from_wire(m) for m in reply.get("messages", [])]
 
-    async def subscribe(self, events: Iterable[str]) -> AsyncIterator[Event]:
+    async def subscribe(self, events: Iterable[str]) -> Mailbox[Event]:
         """Subscribe to backend event types (``order.created``); returns their live stream.
         The subscription is renewed on every reconnect; events sent while disconnected are
         not replayed (events are live only)."""
@@ -100,4 +101,4 @@ class Client(Connection):
         self._event_boxes.append((wanted, box))
         self._events |= wanted
         await self.send_frame("subscribe", {"events": sorted(wanted)})
-        return aiter(box)
+        return box

@@ -65,6 +65,8 @@ class Connection:
         """The gateway URL of the current connection."""
         self.connects = 0
         """Connections made so far (1 + reconnects)."""
+        self.resends = 0
+        """Sends transmitted again (same ``client_id``) after a reconnect or a refusal."""
         self.rooms: dict[str, Room] = {}
         self._outbox: dict[str, Out] = {}
         self._events: set[str] = set()
@@ -243,7 +245,9 @@ class Connection:
         room = self.rooms.get(out.room) if out.room is not None else None
         if out.room is not None and (room is None or not room.is_joined.is_set()):
             return  # the (re)join sends it
-        await self.send_frame(out.kind, out.data)
+        if await self.send_frame(out.kind, out.data):
+            self.resends += out.sent > 0
+            out.sent += 1
 
     async def send_stored(
         self,

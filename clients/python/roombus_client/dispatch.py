@@ -29,6 +29,7 @@ class Out:
     room: str | None
     future: asyncio.Future[Ack]
     tries: int = 0
+    sent: int = 0
 
 
 async def dispatch(c: Connection, kind: str, d: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -32,15 +32,15 @@ class Mailbox(Generic[T]):
     def wake(self) -> None:
         self._wake.set()
 
-    def __aiter__(self) -> AsyncIterator[T]:
-        return self._iterate()
+    def __aiter__(self) -> Mailbox[T]:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[T]:
-        while True:
-            while self._items:
-                yield self._items.popleft()
+    async def __anext__(self) -> T:
+        # A method, not a generator: cancelling one wait (asyncio.wait_for) loses nothing.
+        while not self._items:
             if self.closed:
-                return
+                raise StopAsyncIteration
             self._check()
             self._wake.clear()
             await self._wake.wait()
+        return self._items.popleft()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .errors import ClientClosed, NotRecovered
+from .mailbox import Mailbox
 from .types import Ack, ChatMessage, Joined, Presence, PresenceChange, Typing
 
 if TYPE_CHECKING:
@@ -43,9 +44,8 @@ class Room:
         self.resyncing = False
         self.left = False
         self._queue: deque[ChatMessage | NotRecovered] = deque()
-        self._signals: deque[Typing | PresenceChange] = deque(maxlen=SIGNALS_MAX)
+        self._signals: Mailbox[Typing | PresenceChange] = Mailbox(SIGNALS_MAX, client.check_open)
         self._wake = asyncio.Event()
-        self._signal_wake = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<Room {self.name} seq={self.seq} epoch={self.epoch}>"
@@ -94,8 +94,7 @@ class Room:
         return True
 
     def on_signal(self, s: Typing | PresenceChange) -> None:
-        self._signals.append(s)
-        self._signal_wake.set()
+        self._signals.put(s)
 
     def disconnected(self) -> None:
         self.is_joined.clear()
@@ -103,7 +102,8 @@ class Room:
 
     def wake(self) -> None:
         self._wake.set()
-        self._signal_wake.set()
+        self._signals.closed = self.left
+        self._signals.wake()
 
     def _put(self, item: ChatMessage | NotRecovered) -> None:
         self._queue.append(item)
@@ -162,16 +162,10 @@ class Room:
         """Tell the room this user is typing (dropped while offline; the gateway rate-limits)."""
         await self._client.send_frame("typing", {"room": self.name})
 
-    async def signals(self) -> AsyncIterator[Typing | PresenceChange]:
-        """Typing hints and arrivals/departures, live (the newest 256 kept while unread)."""
-        while True:
-            while self._signals:
-                yield self._signals.popleft()
-            if self.left:
-                return
-            self._client.check_open()
-            self._signal_wake.clear()
-            await self._signal_wake.wait()
+    def signals(self) -> Mailbox[Typing | PresenceChange]:
+        """Typing hints and arrivals/departures, live (the newest 256 kept while unread):
+        ``async for sig in room.signals()``."""
+        return self._signals
 
     async def leave(self) -> None:
         """Leave the room; its iterators end."""
