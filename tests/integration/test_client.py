@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import jwt
 import nats
 import pytest
-from roombus_client import Ack, ChatMessage, Client, NotRecovered, Room, SendRefused
+from roombus_client import Ack, ChatMessage, Client, NotRecovered, Room, SendRefused, Unauthorized
 
 from tests.conftest import ServiceFactory
 from tests.support.procs import NatsServer
+from tests.support.stored import stored_messages
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -96,3 +98,47 @@ async def test_send_receive_history_presence_typing_dm_and_events(
             assert (ev.event, ev.payload) == ("order.created", {"order": 42})
         finally:
             await nc.close()
+
+
+async def test_a_send_refused_as_unavailable_is_resent_until_stored(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    h = services("history", nats_server)
+    g = services("gateway", nats_server, ACK_DEADLINE=2)
+    async with Client(ws(g.port), user="eve") as c:
+        r = await c.join(room)
+        assert h.terminate() == 0  # storage goes away: sends are refused `unavailable`
+        sending = asyncio.create_task(r.send("while storage was away", timeout=60))
+        await wait_until(lambda: c.resends >= 2, 20, "resends after refusals")
+        services("history", nats_server)
+        ack = await sending
+        assert ack.seq is not None
+    stored = await stored_messages(nats_server.url, room)
+    assert [m["text"] for m in stored] == ["while storage was away"]
+
+
+async def test_expired_token_is_refreshed_through_the_provider(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    secret = "client-test-secret-0123456789abcdef"
+    g = services("gateway", nats_server, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
+    calls: list[float] = []
+
+    def fresh() -> str:
+        calls.append(time.time())
+        exp = int(time.time()) + (2 if len(calls) == 1 else 600)
+        return jwt.encode({"sub": "fay", "exp": exp}, secret, algorithm="HS256")
+
+    async with Client(ws(g.port), token_provider=fresh) as c:
+        r = await c.join(room)
+        await wait_until(lambda: c.connects >= 2, 20, "a reconnect with a fresh token")
+        ack = await r.send("after the refresh", timeout=20)
+        assert ack.seq is not None and len(calls) == 2 and c.me == "fay"
+    # Without a provider an expired token stops the client with Unauthorized.
+    short = jwt.encode({"sub": "gus", "exp": int(time.time()) + 2}, secret, algorithm="HS256")
+    async with Client(ws(g.port), token=short) as c:
+        r = await c.join(room)
+        with pytest.raises(Unauthorized) as stopped:
+            async for _ in r:
+                pass
+        assert stopped.value.code == 4002
