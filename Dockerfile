@@ -22,7 +22,7 @@ RUN /opt/roombus/bin/pip install --require-hashes -r /tmp/requirements.lock
 
 WORKDIR /src
 COPY . .
-RUN /opt/roombus/bin/pip install --no-deps --no-build-isolation . \
+RUN /opt/roombus/bin/pip install --no-deps --no-build-isolation . ./clients/python \
  && /opt/roombus/bin/pip uninstall --yes setuptools pip
 
 

@@ -20,12 +20,14 @@ help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 # The project itself goes in last: editable, with no dependency resolution (the lock did that),
-# built with the locked setuptools (no unpinned build environment).
-$(STAMP): pyproject.toml requirements-dev.lock
+# built with the locked setuptools (no unpinned build environment). The Python client
+# (clients/python, its own distribution: only `websockets`, already locked) goes in the same way.
+$(STAMP): pyproject.toml requirements-dev.lock clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e clients/python
 	touch $(STAMP)
 
 lock: ## refresh requirements.lock and requirements-dev.lock (hashes) from pyproject.toml

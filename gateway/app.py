@@ -179,14 +179,15 @@ class Gateway:
         return host in self.origin_hosts
 
 
-def _index_html() -> bytes:
-    return resources.files("gateway").joinpath("static/index.html").read_bytes()
+def _static(name: str) -> bytes:
+    # static/roombus.js is a link to clients/js/roombus.js (its source): a wheel copies it in.
+    return resources.files("gateway").joinpath("static", name).read_bytes()
 
 
 def create_app(settings: GatewaySettings) -> Litestar:
     """Build the gateway ASGI app; nothing connects until uvicorn runs its lifespan."""
     gw = Gateway(settings)
-    page = _index_html()
+    page, module = _static("index.html"), _static("roombus.js")
 
     @websocket("/ws")
     async def ws(socket: WebSocket[Any, Any, Any]) -> None:
@@ -196,8 +197,24 @@ def create_app(settings: GatewaySettings) -> Litestar:
     def index() -> Response[bytes]:
         return Response(page, media_type=MediaType.HTML)
 
+    @get("/roombus.js", sync_to_thread=False, include_in_schema=False)
+    def roombus_js() -> Response[bytes]:
+        """The browser client (an ES module): ``import { Client } from "/roombus.js"``."""
+        return Response(
+            module,
+            media_type="text/javascript; charset=utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
     app = Litestar(
-        route_handlers=[ws, index, sse_handler(gw), *api_handlers(gw), *health_handlers(gw.ready)],
+        route_handlers=[
+            ws,
+            index,
+            roombus_js,
+            sse_handler(gw),
+            *api_handlers(gw),
+            *health_handlers(gw.ready),
+        ],
         lifespan=[gw.lifespan],
         openapi_config=None,
         logging_config=None,

@@ -56,13 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
     from .stack import add_up_parser
 
     add_up_parser(sub)
+    try:  # tail / send / chat: the Python client's CLI (clients/python, its own distribution)
+        from roombus_client.cli import add_parsers
+    except ModuleNotFoundError:
+        for command in CLIENT_COMMANDS:
+            sub.add_parser(command, help="(needs the client: pip install ./clients/python)")
+    else:
+        add_parsers(sub)
     return parser
+
+
+CLIENT_COMMANDS = ("tail", "send", "chat")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    namespace = parser.parse_args(argv)
+    args = vars(namespace)
     command = args.pop("command")
+    if command in CLIENT_COMMANDS:
+        try:
+            from roombus_client.cli import run as run_client
+        except ModuleNotFoundError:
+            print(f"roombus {command}: install the client: pip install ./clients/python")
+            return 2
+        return run_client(command, namespace)
     if command == "up":
         from .stack import run_up
 

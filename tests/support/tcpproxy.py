@@ -10,7 +10,8 @@ from tests.support.procs import free_port
 
 class TcpProxy:
     """Forwards ``127.0.0.1:<port>`` to ``target``; :meth:`cut` drops every connection and
-    refuses new ones until :meth:`restore`."""
+    refuses new ones until :meth:`restore`; :meth:`pause` holds every byte (both ways, no
+    close: a silent network) until :meth:`resume`."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -18,6 +19,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self.cut_off = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -41,6 +44,7 @@ class TcpProxy:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             with contextlib.suppress(Exception):
@@ -60,8 +64,16 @@ class TcpProxy:
     def restore(self) -> None:
         self.cut_off = False
 
+    def pause(self) -> None:
+        """Stop forwarding (connections stay open, bytes wait): a silent network."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def stop(self) -> None:
         self.cut()
+        self.resume()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
