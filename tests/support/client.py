@@ -27,6 +27,7 @@ class Client:
         self._task = asyncio.create_task(self._pump())
         self.closed: ConnectionClosed | None = None
         self.hello: Frame | None = None
+        self._arrivals: list[tuple[str | None, float]] = []
 
     @classmethod
     async def open(cls, url: str, user: str = "tester", **kw: Any) -> Client:
@@ -41,6 +42,8 @@ class Client:
         try:
             async for raw in self.ws:
                 frame = json.loads(raw)
+                if frame["type"] == "chat.message":
+                    self._arrivals.append((frame["data"].get("room"), time.perf_counter()))
                 async with self._cond:
                     self.frames.append(frame)
                     self._cond.notify_all()
@@ -93,6 +96,10 @@ class Client:
 
     async def error(self, code: str, timeout: float = 10.0) -> Frame:
         return await self.next("error", timeout, code=code)
+
+    def arrived(self, room: str) -> list[float]:
+        """When each ``chat.message`` of ``room`` arrived (``perf_counter``), in order."""
+        return [t for r, t in self._arrivals if r == room]
 
     def texts(self, room: str | None = None) -> list[str]:
         return [
