@@ -55,24 +55,28 @@ async def test_a_query_flood_does_not_deny_history_to_others(
         return [await _page(honest, room, before=2000) for _ in range(n)]
 
     await pages(20)  # warm up (first reads of the stream, caches)
-    quiet = await pages(100)
     flooders = [await Client.open(flooded.ws_url, f"flood{i}") for i in range(20)]
     for f in flooders:
         await f.join(f"{room}-old")
-    stop = asyncio.Event()
 
-    async def flood(f: Client) -> None:
+    async def flood(f: Client, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await f.send("history", room=f"{room}-old", limit=1)
             await asyncio.sleep(0.01)  # ~100 queries/s per connection, 2,000/s in all
 
-    floods = [asyncio.create_task(flood(f)) for f in flooders]
-    await asyncio.sleep(1)
-    try:
-        loud = await pages(100)
-    finally:
-        stop.set()
-        await asyncio.gather(*floods)
+    # Quiet and flooded windows alternate, so whatever else loads the machine weighs on both.
+    quiet: list[float] = []
+    loud: list[float] = []
+    for _ in range(5):
+        quiet += await pages(20)
+        stop = asyncio.Event()
+        floods = [asyncio.create_task(flood(f, stop)) for f in flooders]
+        await asyncio.sleep(0.3)
+        try:
+            loud += await pages(20)
+        finally:
+            stop.set()
+            await asyncio.gather(*floods)
     limited = sum(len(f.of("error", code="rate_limited")) for f in flooders)
     answered = sum(len(f.of("history")) for f in flooders)
     assert limited > 0, "the flood was never rate limited"
@@ -90,6 +94,7 @@ async def test_a_query_flood_does_not_deny_history_to_others(
         f" {p * 1000:.1f} ms during a flood of 20"
         f" connections ({answered} flood queries answered, {limited} refused)"
     )
-    # 2x the quiet p99, plus 50 ms: the flooders, both replicas, NATS and this test share the
-    # machine's 2 cores, and a p99 of 100 samples moves by that much on its own.
-    assert p < 2 * q + 0.05
+    # 2x the quiet p99, plus 100 ms: the flooders' 2,000 frames/s, both replicas, NATS and
+    # this test share the machine's 2 cores, and a p99 of 100 samples moves by that much on
+    # its own when other work runs beside the suite. Denial would be seconds (timeouts).
+    assert p < 2 * q + 0.1
