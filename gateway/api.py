@@ -12,7 +12,7 @@ from litestar.handlers import HTTPRouteHandler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proto import subjects
-from proto.bus import CLIENT_ID_MAX, TEXT_MAX, ChatMessage, utcnow
+from proto.bus import CLIENT_ID_MAX, TEXT_MAX
 from proto.errors import ErrorCode
 from proto.ids import new_id
 from proto.names import InvalidNameError, UserId, check_event_type, check_name
@@ -102,19 +102,7 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
         except ValidationError as exc:
             return _error(400, ErrorCode.INVALID, _first(exc))
         if gw.settings.is_ephemeral(room):
-            msg = ChatMessage(
-                id=new_id(),
-                room=room,
-                user=body.user,
-                text=body.text,
-                ts=utcnow(),
-                client_id=body.client_id,
-                verified=True,
-            )
-            await gw.bus.nc.publish(
-                subjects.room_message(room),
-                orjson.dumps(msg.model_dump(mode="json", exclude_none=True)),
-            )
+            msg = await gw.publisher.ephemeral(room, body.user, body.text, body.client_id, True)
             metrics.API_REQUESTS.labels("202").inc()
             return Response({"id": msg.id}, status_code=202)
         # An API key holder vouches for the user it names: verified.

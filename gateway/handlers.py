@@ -14,10 +14,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from proto import frames as f
 from proto import subjects
-from proto.bus import ChatMessage, PresenceEvent, utcnow
+from proto.bus import PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.frames import FrameError, encode_frame, error_frame
-from proto.ids import new_id
 from proto.svc import PresenceMembers
 
 from . import metrics
@@ -195,21 +194,10 @@ class Session:
         self._check_text(data.text)
         conn, gw = self.conn, self.gw
         subject = subjects.room_message(room)
-        if gw.settings.is_ephemeral(room):
-            # Never stored: published once, acked at once, no seq.
-            msg = ChatMessage(
-                id=new_id(),
-                room=room,
-                user=conn.user,
-                text=data.text,
-                ts=utcnow(),
-                client_id=data.client_id,
-                verified=conn.verified,
+        if gw.settings.is_ephemeral(room):  # never stored: acked at once, no seq
+            msg = await gw.publisher.ephemeral(
+                room, conn.user, data.text, data.client_id, conn.verified
             )
-            await gw.bus.nc.publish(
-                subject, orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-            )
-            metrics.PUBLISHED.labels("ephemeral").inc()
             self.send(encode_frame("ack", {"client_id": data.client_id, "id": msg.id}))
             return
         payload = orjson.dumps(

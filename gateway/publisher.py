@@ -12,7 +12,10 @@ import orjson
 from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
+from proto import subjects
+from proto.bus import ChatMessage, utcnow
 from proto.errors import ErrorCode
+from proto.ids import new_id
 from proto.svc import StoreAck
 from services.bus import Bus
 
@@ -85,6 +88,27 @@ class Publisher:
             (log.info if up else log.warning)(
                 "storage is back" if up else "storage unavailable: sends are refused"
             )
+
+    async def ephemeral(
+        self, room: str, user: str, text: str, client_id: str | None, verified: bool
+    ) -> ChatMessage:
+        """A message to an ``EPHEMERAL_ROOMS`` room: never stored, published once, its id made
+        here; the caller acks it at once (no ``seq``)."""
+        msg = ChatMessage(
+            id=new_id(),
+            room=room,
+            user=user,
+            text=text,
+            ts=utcnow(),
+            client_id=client_id,
+            verified=verified,
+        )
+        await self.bus.nc.publish(
+            subjects.room_message(room),
+            orjson.dumps(msg.model_dump(mode="json", exclude_none=True)),
+        )
+        metrics.PUBLISHED.labels("ephemeral").inc()
+        return msg
 
     async def store(self, subject: str, payload: bytes, key: str) -> StoreAck:
         """Publish and wait for the storage ack; raises :class:`NotStored`."""

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from litestar import Litestar
@@ -43,6 +43,23 @@ def with_cursors(raw: list[Stored], first_prev: int) -> list[tuple[int, int, byt
     for s in raw:
         out.append((s.seq, prev, s.data))
         prev = s.seq
+    return out
+
+
+M = TypeVar("M", ChatMessage, DirectMessage)
+
+
+def _validated(rows: list[tuple[int, int, bytes]], model: type[M]) -> list[M]:
+    """The stored payloads as ``model`` with their ``seq``/``prev``; what does not parse (written
+    straight into the stream by someone else) is counted and left out."""
+    out: list[M] = []
+    for seq, prev, payload in rows:
+        try:
+            out.append(
+                model.model_validate_json(payload).model_copy(update={"seq": seq, "prev": prev})
+            )
+        except ValidationError:
+            metrics.MALFORMED.inc()
     return out
 
 
@@ -296,16 +313,7 @@ class HistoryService:
         rows, has_more = await self._page(
             subjects.history(room), query.before, query.after, query.limit
         )
-        msgs = []
-        for seq, prev, payload in rows:
-            try:
-                msgs.append(
-                    ChatMessage.model_validate_json(payload).model_copy(
-                        update={"seq": seq, "prev": prev}
-                    )
-                )
-            except ValidationError:
-                metrics.MALFORMED.inc()  # written by someone else straight into the stream
+        msgs = _validated(rows, ChatMessage)
         metrics.QUERIES.labels("after" if query.after is not None else "before", "ok").inc()
         page = HistoryPage(room=room, messages=msgs, has_more=has_more)
         return page.model_dump(mode="json", exclude_none=True)
@@ -319,13 +327,6 @@ class HistoryService:
         rows, has_more = await self._page(
             subjects.inbox(user), query.before, query.after, query.limit
         )
-        dms = []
-        for seq, prev, payload in rows:
-            try:
-                dm = DirectMessage.model_validate_json(payload)
-            except ValidationError:
-                metrics.MALFORMED.inc()
-                continue
-            dms.append(dm.model_copy(update={"seq": seq, "prev": prev}).wire())
+        dms = [dm.wire() for dm in _validated(rows, DirectMessage)]
         metrics.QUERIES.labels("inbox", "ok").inc()
         return {"user": user, "messages": dms, "has_more": has_more}
