@@ -19,10 +19,11 @@ from redis.asyncio import Redis
 from proto import redis as rproto
 from proto import subjects
 from proto.bus import stored_chat
+from services.backoff import Backoff
 from services.logs import RateLimitedLog
 
 from . import metrics
-from .redisconn import REDIS_DOWN, Backoff, redis_client
+from .redisconn import REDIS_DOWN, redis_client
 from .settings import BridgeSettings
 
 log = logging.getLogger("roombus.bridge.outbound")
@@ -101,7 +102,7 @@ class Outbound:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish queued envelopes to Redis until ``stop``; retry while Redis is down."""
         client = redis_client(self.settings)
-        backoff = Backoff(self.settings.redis_reconnect_max)
+        backoff = Backoff(0.1, self.settings.redis_reconnect_max)
         failures = 1  # not known to be up: PING first, so /readyz is right from the start
         try:
             while not stop.is_set() or self._queue:

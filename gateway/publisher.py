@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from proto.errors import ErrorCode
 from proto.svc import StoreAck
+from services.backoff import Backoff
 from services.bus import Bus
 
 from . import metrics
@@ -92,6 +93,7 @@ class Publisher:
         headers = {"Nats-Msg-Id": key}
         deadline = time.monotonic() + self.settings.ack_deadline
         delay = self.settings.ack_timeout
+        ladder = Backoff(delay * 2, RETRY_DELAY_MAX, jitter=False)  # timeouts, not sleeps
         attempt = 0
         nobody_since: float | None = None
         while True:
@@ -140,4 +142,4 @@ class Publisher:
                 self._storage(False)
                 metrics.NOT_STORED.inc()
                 raise NotStored(ErrorCode.NOT_STORED, "the message was not confirmed stored")
-            delay = min(delay * 2, RETRY_DELAY_MAX, max(0.05, deadline - time.monotonic()))
+            delay = min(ladder.next(), max(0.05, deadline - time.monotonic()))
