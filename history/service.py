@@ -23,6 +23,7 @@ from proto.redis import ORIGIN_HEADER
 from proto.svc import PAGE_BYTES_MAX, HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
 from services.bus import Bus, connect
 from services.jetstream import note_storage_refusal
+from services.lifecycle import Shutdown
 from services.logs import Malformed, RateLimitedLog
 from services.streamread import Stored, StreamReader
 
@@ -50,8 +51,9 @@ class HistoryService:
     """Queue-group member ``history`` on ``room.*.message``, ``user.*.message`` and the query
     subjects ``svc.history.*`` / ``svc.inbox.*``."""
 
-    def __init__(self, settings: HistorySettings) -> None:
+    def __init__(self, settings: HistorySettings, stopping: Shutdown | None = None) -> None:
         self.settings = settings
+        self.stopping = stopping or Shutdown(settings.shutdown_timeout)
         self._bus: Bus | None = None
         self.store: Store | None = None
         self.reader: StreamReader | None = None
@@ -103,10 +105,11 @@ class HistoryService:
             yield
         finally:
             self.accepting = False
-            # Let stores in flight get their acks (their senders are waiting), then drain.
+            # Let stores in flight get their acks (their senders are waiting), then drain:
+            # both within what is left of the one shutdown deadline.
             if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
-            await bus.drain(self.settings.shutdown_timeout / 2)
+                await asyncio.wait(list(self._tasks), timeout=self.stopping.left() / 2)
+            await bus.drain(self.stopping.left())
             log.info("history stopped")
 
     # -- intake -----------------------------------------------------------------------
