@@ -21,7 +21,7 @@ from proto.names import sanitize_user
 from services.bus import Bus, connect
 from services.http import health_handlers
 from services.lifecycle import Shutdown
-from services.streamread import ReadError, StreamReader
+from services.streamread import Reader, ReadError, StreamReader
 
 from .api import api_handlers
 from .auth import Authenticator
@@ -82,7 +82,7 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     @property
-    def reader(self) -> StreamReader:
+    def reader(self) -> Reader:
         if self._reader is None:
             raise RuntimeError("gateway is not connected to NATS yet")
         return self._reader

@@ -19,7 +19,7 @@ from proto.bus import ChatMessage, DirectMessage
 from proto.frames import encode_frame
 from services.backoff import Backoff
 from services.logs import RateLimitedLog
-from services.streamread import ReadError, StreamReader
+from services.streamread import Reader, ReadError
 
 from . import metrics
 
@@ -94,7 +94,7 @@ class Feed:
 class Feeds:
     """Every feed of this gateway, their live intake and their healing."""
 
-    def __init__(self, reader: StreamReader, deliver: Deliver, hold_max: int) -> None:
+    def __init__(self, reader: Reader, deliver: Deliver, hold_max: int) -> None:
         self.reader = reader
         self.deliver = deliver
         self.hold_max = hold_max

@@ -17,7 +17,7 @@ from proto.bus import PresenceEvent, parse_bus_chat
 from proto.errors import CloseCode
 from proto.frames import encode_frame
 from services.logs import Malformed, RateLimitedLog
-from services.streamread import StreamReader
+from services.streamread import Reader
 
 from . import metrics
 from .conn import Conn
@@ -53,7 +53,7 @@ class Hub:
             RateLimitedLog(log), lambda kind: metrics.BUS_MALFORMED.labels(kind).inc()
         )
 
-    def start_feeds(self, reader: StreamReader) -> Feeds:
+    def start_feeds(self, reader: Reader) -> Feeds:
         self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer)
         return self.feeds
 
