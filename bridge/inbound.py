@@ -10,12 +10,13 @@ import orjson
 
 from proto import redis as rproto
 from proto import subjects
+from services.backoff import Backoff
 from services.bus import Bus
 from services.logs import RateLimitedLog
 
 from . import metrics
 from .lease import Lease
-from .redisconn import REDIS_DOWN, Backoff, redis_client
+from .redisconn import REDIS_DOWN, redis_client
 from .settings import BridgeSettings
 
 log = logging.getLogger("roombus.bridge.inbound")
@@ -36,7 +37,7 @@ class Inbound:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a subscription up until ``stop``, reconnecting with backoff."""
-        backoff = Backoff(self.settings.redis_reconnect_max)
+        backoff = Backoff(0.1, self.settings.redis_reconnect_max)
         failures = 0
         while not stop.is_set():
             client = redis_client(self.settings)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from litestar import Litestar
 
 from services.http import health_handlers, serve
+from services.lifecycle import Shutdown
 from services.logs import setup_logging
 
 from .service import BridgeService
 from .settings import BridgeSettings
 
 
-def create_app(settings: BridgeSettings) -> Litestar:
+def create_app(settings: BridgeSettings, stopping: Shutdown | None = None) -> Litestar:
     """Build the bridge's ASGI app; nothing connects until uvicorn runs its lifespan."""
-    service = BridgeService(settings)
+    service = BridgeService(settings, stopping)
     app = Litestar(
         route_handlers=health_handlers(service.ready),
         lifespan=[service.lifespan],
@@ -26,4 +27,5 @@ def create_app(settings: BridgeSettings) -> Litestar:
 
 def run(settings: BridgeSettings) -> None:
     setup_logging("bridge", settings.log_level)
-    serve(create_app(settings), settings)
+    stopping = Shutdown(settings.shutdown_timeout)
+    serve(create_app(settings, stopping), settings, stopping)

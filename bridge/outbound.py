@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 
 from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
 from proto import redis as rproto
 from proto import subjects
-from proto.bus import stored_chat
-from services.logs import RateLimitedLog
+from proto.bus import ChatMessage, stored_chat
+from services.backoff import Backoff
+from services.logs import Malformed, RateLimitedLog
+from services.recent import RecentIds
 
 from . import metrics
-from .redisconn import REDIS_DOWN, Backoff, redis_client
+from .redisconn import REDIS_DOWN, redis_client
 from .settings import BridgeSettings
 
 log = logging.getLogger("roombus.bridge.outbound")
@@ -50,8 +52,11 @@ class Outbound:
         self._space = asyncio.Event()
         self._burst = 0
         self._sha: str | None = None
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._recent: RecentIds[str] = RecentIds(RECENT_IDS)
         self._badlog = RateLimitedLog(log)
+        self._malformed = Malformed(
+            self._badlog, lambda reason: metrics.DROPPED.labels(DIRECTION, reason).inc()
+        )
         self._ttl_ms = int(settings.bridge_dedupe_ttl * 1000)
 
     async def on_nats(self, msg: Msg) -> None:
@@ -60,24 +65,12 @@ class Outbound:
             metrics.DROPPED.labels(DIRECTION, "echo").inc()  # came from Redis: not back
             return
         room = subjects.parse_stored_room(msg.subject)
-        try:
-            if room is None:
-                raise ValueError("not a stored.history.<room> subject")
-            chat = stored_chat(msg.data)
-            if chat.room != room:
-                raise ValueError("stored message names another room")
-        except ValueError as exc:
-            metrics.DROPPED.labels(DIRECTION, "bad_payload").inc()
-            self._badlog.warning(
-                "bad_payload", "dropped malformed bus message", subject=msg.subject, error=str(exc)
-            )
+        chat = self._malformed.parse("bad_payload", msg.subject, lambda: _stored_in(room, msg.data))
+        if chat is None or room is None:
             return
-        if chat.id in self._recent:  # a retry that reached this replica again
+        if not self._recent.add(chat.id):  # a retry that reached this replica again
             metrics.DROPPED.labels(DIRECTION, "duplicate").inc()
             return
-        self._recent[chat.id] = None
-        if len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
         while len(self._queue) >= self.settings.bridge_queue and self.redis_ok:
             # Redis is up but slower than NATS: hold the subscription (its pending queue
             # absorbs the burst) until the writer made room.
@@ -101,7 +94,7 @@ class Outbound:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish queued envelopes to Redis until ``stop``; retry while Redis is down."""
         client = redis_client(self.settings)
-        backoff = Backoff(self.settings.redis_reconnect_max)
+        backoff = Backoff(0.1, self.settings.redis_reconnect_max)
         failures = 1  # not known to be up: PING first, so /readyz is right from the start
         try:
             while not stop.is_set() or self._queue:
@@ -176,3 +169,14 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, within: float) -> 
     finally:
         for w in waiters:
             w.cancel()
+
+
+def _stored_in(room: str | None, data: bytes) -> ChatMessage:
+    """The stored message republished on ``stored.history.<room>``; ValueError when it is not
+    one, or names another room."""
+    if room is None:
+        raise ValueError("not a stored.history.<room> subject")
+    chat = stored_chat(data)
+    if chat.room != room:
+        raise ValueError("stored message names another room")
+    return chat

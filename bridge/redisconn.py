@@ -24,19 +24,3 @@ def redis_client(settings: BridgeSettings) -> Redis:
         health_check_interval=5,
         client_name="roombus-bridge",
     )
-
-
-class Backoff:
-    """0.1 s, doubling up to ``cap``; ``reset()`` after a success."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-        self.delay = 0.1
-
-    def next(self) -> float:
-        delay = self.delay
-        self.delay = min(self.delay * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self.delay = 0.1

@@ -16,7 +16,7 @@ from litestar import Litestar
 from proto import redis as rproto
 from proto import subjects
 from services.bus import Bus, connect
-from services.lifecycle import TaskGroup
+from services.lifecycle import Shutdown, TaskGroup
 
 from .inbound import Inbound
 from .lease import Lease
@@ -30,8 +30,9 @@ log = logging.getLogger("roombus.bridge")
 class BridgeService:
     """Redis ``room:<name>`` <-> NATS ``room.<name>.message``, at most once each way."""
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(self, settings: BridgeSettings, stopping: Shutdown | None = None) -> None:
         self.settings = settings
+        self.stopping = stopping or Shutdown(settings.shutdown_timeout)
         self.token = (
             f"{settings.instance or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         )
@@ -91,13 +92,16 @@ class BridgeService:
         try:
             yield
         finally:
+            # Every wait takes a part of what is left of the one shutdown deadline.
+            stopping = self.stopping
             # Hand the lease over first, so a standby starts forwarding within one tick.
-            await lease.release()
-            await bus.drain(settings.shutdown_timeout / 2)  # no new NATS -> Redis messages
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lease.release(), stopping.left() / 4)
+            await bus.drain(stopping.left() / 2)  # no new NATS -> Redis messages
             stop.set()
             with contextlib.suppress(TimeoutError):  # flush what is queued for Redis
-                await asyncio.wait_for(asyncio.shield(writer), settings.shutdown_timeout / 4)
-            await tasks.cancel_all(settings.shutdown_timeout / 4)
+                await asyncio.wait_for(asyncio.shield(writer), stopping.left() / 2)
+            await tasks.cancel_all(stopping.left())
             await lease_client.aclose()
             log.info("bridge stopped")
 

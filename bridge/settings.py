@@ -30,7 +30,8 @@ class BridgeSettings(ServiceSettings):
     bridge_batch: int = Field(default=256, ge=1, le=10_000)
     """Messages sent to Redis in one pipeline."""
     redis_reconnect_max: float = Field(default=2.0, gt=0, le=60)
-    """Longest pause in seconds between Redis reconnect attempts (backoff starts at 0.1)."""
+    """Longest pause in seconds between Redis reconnect attempts (the backoff starts at 0.1 s and
+    doubles, with full jitter)."""
 
     @field_validator("redis_url")
     @classmethod

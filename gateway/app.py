@@ -16,10 +16,12 @@ from urllib.parse import urlsplit
 from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
 
 from proto import subjects
+from proto.errors import CloseCode
 from proto.names import sanitize_user
 from services.bus import Bus, connect
 from services.http import health_handlers
-from services.streamread import ReadError, StreamReader
+from services.lifecycle import Shutdown
+from services.streamread import Reader, ReadError, StreamReader
 
 from .api import api_handlers
 from .auth import Authenticator
@@ -28,7 +30,7 @@ from .hub import Hub
 from .presence import PresenceReporter
 from .publisher import Publisher
 from .settings import GatewaySettings
-from .sse import sse_handler
+from .sse import SseConn, sse_handler
 from .ws import serve_ws
 
 log = logging.getLogger("roombus.gateway")
@@ -40,8 +42,10 @@ EPOCH_CHECK = 5.0
 class Gateway:
     """Everything one gateway process shares between its connections."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, stopping: Shutdown | None = None) -> None:
         self.settings = settings
+        self.stopping = stopping or Shutdown(settings.shutdown_timeout)
+        self.stopping.on_begin(self._stop_accepting)
         self.hub = Hub(settings.replay_buffer)
         self.hub.is_ephemeral = settings.is_ephemeral
         self._reader: StreamReader | None = None
@@ -78,7 +82,7 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     @property
-    def reader(self) -> StreamReader:
+    def reader(self) -> Reader:
         if self._reader is None:
             raise RuntimeError("gateway is not connected to NATS yet")
         return self._reader
@@ -136,14 +140,24 @@ class Gateway:
         try:
             yield
         finally:
-            self.accepting = False
+            # Every wait takes a part of what is left of the one deadline (uvicorn already
+            # closed the connections, under the same deadline).
+            self._stop_accepting()
+            stopping = self.stopping
             sweeper.cancel()
             watcher.cancel()
             if self._tasks:  # sends waiting for their storage ack
-                await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
-            await reporter.stop(self.settings.shutdown_timeout / 4)
-            await self._bus.drain(self.settings.shutdown_timeout / 2)
+                await asyncio.wait(list(self._tasks), timeout=stopping.left() / 2)
+            await reporter.stop(stopping.left() / 3)
+            await self._bus.drain(stopping.left())
             log.info("gateway stopped")
+
+    def _stop_accepting(self) -> None:
+        """Shutdown starts: refuse new clients and end every SSE stream (its client reconnects
+        elsewhere, as WebSocket clients do on 1012), so no open stream holds the shutdown."""
+        self.accepting = False
+        for conn in [c for c in self.hub.conns if isinstance(c, SseConn)]:
+            conn.shut(CloseCode.SERVICE_RESTART)
 
     # -- the stream ---------------------------------------------------------------------
     def _reconnected(self) -> None:
@@ -184,9 +198,12 @@ def _static(name: str) -> bytes:
     return resources.files("gateway").joinpath("static", name).read_bytes()
 
 
-def create_app(settings: GatewaySettings) -> Litestar:
-    """Build the gateway ASGI app; nothing connects until uvicorn runs its lifespan."""
-    gw = Gateway(settings)
+def create_app(settings: GatewaySettings, stopping: Shutdown | None = None) -> Litestar:
+    """Build the gateway ASGI app; nothing connects until uvicorn runs its lifespan.
+
+    ``stopping`` is the shutdown deadline the server shares with the app (:func:`serve`).
+    """
+    gw = Gateway(settings, stopping)
     page, module = _static("index.html"), _static("roombus.js")
 
     @websocket("/ws")

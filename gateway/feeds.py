@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 from proto.bus import ChatMessage, DirectMessage
 from proto.frames import encode_frame
+from services.backoff import Backoff
 from services.logs import RateLimitedLog
-from services.streamread import ReadError, StreamReader
+from services.streamread import Reader, ReadError
 
 from . import metrics
 
@@ -93,7 +94,7 @@ class Feed:
 class Feeds:
     """Every feed of this gateway, their live intake and their healing."""
 
-    def __init__(self, reader: StreamReader, deliver: Deliver, hold_max: int) -> None:
+    def __init__(self, reader: Reader, deliver: Deliver, hold_max: int) -> None:
         self.reader = reader
         self.deliver = deliver
         self.hold_max = hold_max
@@ -184,7 +185,7 @@ class Feeds:
         feed.task = asyncio.create_task(self._healer(feed), name=f"heal-{feed.subject}")
 
     async def _healer(self, feed: Feed) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, RETRY_MAX)
         started = asyncio.get_running_loop().time()
         while not feed.closed:
             try:
@@ -194,8 +195,7 @@ class Feeds:
                 self._badlog.warning(
                     "heal_retry", "feed cannot read the stream yet", error=str(exc)
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                await asyncio.sleep(backoff.next())
                 continue
             metrics.HEAL_SECONDS.observe(asyncio.get_running_loop().time() - started)
             return

@@ -16,8 +16,8 @@ from proto import subjects
 from proto.bus import PresenceEvent, parse_bus_chat
 from proto.errors import CloseCode
 from proto.frames import encode_frame
-from services.logs import RateLimitedLog
-from services.streamread import StreamReader
+from services.logs import Malformed, RateLimitedLog
+from services.streamread import Reader
 
 from . import metrics
 from .conn import Conn
@@ -49,9 +49,11 @@ class Hub:
         self.ephemeral: dict[str, Subscription | None] = {}
         """Ephemeral rooms with local members, and their raw-publish subscription."""
         self.is_ephemeral: Callable[[str], bool] = lambda room: False
-        self._badlog = RateLimitedLog(log)
+        self._malformed = Malformed(
+            RateLimitedLog(log), lambda kind: metrics.BUS_MALFORMED.labels(kind).inc()
+        )
 
-    def start_feeds(self, reader: StreamReader) -> Feeds:
+    def start_feeds(self, reader: Reader) -> Feeds:
         self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer)
         return self.feeds
 
@@ -245,8 +247,7 @@ class Hub:
             seq = int(headers["Nats-Sequence"])
             prev = int(headers.get("Nats-Last-Sequence") or 0)
         except (KeyError, ValueError):
-            metrics.BUS_MALFORMED.labels(kind).inc()
-            self._badlog.warning("bad_stored", "stored message without its sequence")
+            self._malformed.drop("bad_stored", "stored message without its sequence", metric=kind)
             return
         feeds.offer(key, seq, prev, msg.data)
         metrics.FANOUT_SECONDS.observe(time.perf_counter() - start)
@@ -266,8 +267,9 @@ class Hub:
         metrics.BUS_IN.labels("event").inc()
         kind = subjects.parse_event(msg.subject)
         if kind is None:
-            metrics.BUS_MALFORMED.labels("event").inc()
-            self._badlog.warning("bad_event", "dropped event", subject=msg.subject[:200])
+            self._malformed.drop(
+                "bad_event", "dropped event", metric="event", subject=msg.subject[:200]
+            )
             return
         members = self.events.get(kind)
         if not members:
@@ -275,8 +277,9 @@ class Hub:
         try:
             orjson.loads(msg.data)  # any JSON value; checked once, spliced in as is
         except orjson.JSONDecodeError:
-            metrics.BUS_MALFORMED.labels("event").inc()
-            self._badlog.warning("bad_event", "dropped event: payload is not JSON", event=kind)
+            self._malformed.drop(
+                "bad_event", "dropped event: payload is not JSON", metric="event", event=kind
+            )
             return
         frame = (
             b'{"type":"event","data":{"event":"'
@@ -300,10 +303,10 @@ class Hub:
             if event.room != room:
                 raise ValueError("event room does not match subject")
         except ValueError as exc:
-            metrics.BUS_MALFORMED.labels("room_presence").inc()
-            self._badlog.warning(
+            self._malformed.drop(
                 "bad_presence",
                 "dropped malformed presence event",
+                metric="room_presence",
                 subject=msg.subject,
                 error=str(exc)[:300],
             )
@@ -321,13 +324,13 @@ class Hub:
         room = subjects.parse_room_message(msg.subject)
         if room is None or room not in self.rooms:
             return
-        try:
-            chat = parse_bus_chat(msg.data, room)
-        except ValueError as exc:
-            metrics.BUS_MALFORMED.labels("room_message").inc()
-            self._badlog.warning(
-                "bad_payload", "dropped malformed bus message", subject=msg.subject, error=str(exc)
-            )
+        chat = self._malformed.parse(
+            "bad_payload",
+            msg.subject,
+            lambda: parse_bus_chat(msg.data, room),
+            metric="room_message",
+        )
+        if chat is None:
             return
         self.deliver(
             room, encode_frame("chat.message", chat.model_dump(mode="json", exclude_none=True))

@@ -7,6 +7,7 @@ import time
 import warnings
 
 from services.http import serve
+from services.lifecycle import Shutdown
 from services.logs import setup_logging
 
 from . import metrics
@@ -53,9 +54,11 @@ def run(settings: GatewaySettings) -> None:
     warnings.filterwarnings("ignore", message=".*websockets. implementation is deprecated")
     setup_logging("gateway", settings.log_level)
     logging.getLogger("uvicorn.error").addFilter(ClientFaultFilter())
+    stopping = Shutdown(settings.shutdown_timeout)
     serve(
-        create_app(settings),
+        create_app(settings, stopping),
         settings,
+        stopping,
         ws=WS_PROTOCOLS.get(settings.ws_protocol, settings.ws_protocol),
         ws_max_size=settings.max_frame_bytes,
         # Compression costs CPU per client and invites decompression bombs.

@@ -17,6 +17,7 @@ from proto.bus import ChatMessage, utcnow
 from proto.errors import ErrorCode
 from proto.ids import new_id
 from proto.svc import StoreAck
+from services.backoff import Backoff
 from services.bus import Bus
 
 from . import metrics
@@ -116,6 +117,7 @@ class Publisher:
         headers = {"Nats-Msg-Id": key}
         deadline = time.monotonic() + self.settings.ack_deadline
         delay = self.settings.ack_timeout
+        ladder = Backoff(delay * 2, RETRY_DELAY_MAX, jitter=False)  # timeouts, not sleeps
         attempt = 0
         nobody_since: float | None = None
         while True:
@@ -164,4 +166,4 @@ class Publisher:
                 self._storage(False)
                 metrics.NOT_STORED.inc()
                 raise NotStored(ErrorCode.NOT_STORED, "the message was not confirmed stored")
-            delay = min(delay * 2, RETRY_DELAY_MAX, max(0.05, deadline - time.monotonic()))
+            delay = min(ladder.next(), max(0.05, deadline - time.monotonic()))

@@ -153,6 +153,8 @@ def _admit(
     s = gw.settings
     if request.method != "GET":
         raise Refused(405, ErrorCode.INVALID.value, "use GET")
+    if not gw.accepting:  # shutting down: the client's retry finds another gateway
+        raise Refused(503, ErrorCode.UNAVAILABLE.value, "server is shutting down")
     if not gw.origin_allowed(request.headers.get("origin")):
         metrics.REFUSED.labels("origin").inc()
         raise Refused(403, ErrorCode.FORBIDDEN.value, "origin")

@@ -5,14 +5,15 @@ from __future__ import annotations
 from litestar import Litestar
 
 from services.http import health_handlers, serve
+from services.lifecycle import Shutdown
 from services.logs import setup_logging
 
 from .service import HistoryService
 from .settings import HistorySettings
 
 
-def create_app(settings: HistorySettings) -> Litestar:
-    service = HistoryService(settings)
+def create_app(settings: HistorySettings, stopping: Shutdown | None = None) -> Litestar:
+    service = HistoryService(settings, stopping)
     return Litestar(
         route_handlers=health_handlers(service.ready),
         lifespan=[service.lifespan],
@@ -23,4 +24,5 @@ def create_app(settings: HistorySettings) -> Litestar:
 
 def run(settings: HistorySettings) -> None:
     setup_logging("history", settings.log_level)
-    serve(create_app(settings), settings)
+    stopping = Shutdown(settings.shutdown_timeout)
+    serve(create_app(settings, stopping), settings, stopping)

@@ -23,7 +23,8 @@ from proto.redis import ORIGIN_HEADER
 from proto.svc import PAGE_BYTES_MAX, HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
 from services.bus import Bus, connect
 from services.jetstream import note_storage_refusal
-from services.logs import RateLimitedLog
+from services.lifecycle import Shutdown
+from services.logs import Malformed, RateLimitedLog
 from services.streamread import Stored, StreamReader
 
 from . import metrics
@@ -67,8 +68,9 @@ class HistoryService:
     """Queue-group member ``history`` on ``room.*.message``, ``user.*.message`` and the query
     subjects ``svc.history.*`` / ``svc.inbox.*``."""
 
-    def __init__(self, settings: HistorySettings) -> None:
+    def __init__(self, settings: HistorySettings, stopping: Shutdown | None = None) -> None:
         self.settings = settings
+        self.stopping = stopping or Shutdown(settings.shutdown_timeout)
         self._bus: Bus | None = None
         self.store: Store | None = None
         self.reader: StreamReader | None = None
@@ -77,6 +79,7 @@ class HistoryService:
         self._query_waiting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._badlog = RateLimitedLog(log)
+        self._malformed = Malformed(self._badlog, lambda _kind: metrics.MALFORMED.inc())
         self.accepting = True
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -119,17 +122,14 @@ class HistoryService:
             yield
         finally:
             self.accepting = False
-            # Let stores in flight get their acks (their senders are waiting), then drain.
+            # Let stores in flight get their acks (their senders are waiting), then drain:
+            # both within what is left of the one shutdown deadline.
             if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout / 2)
-            await bus.drain(self.settings.shutdown_timeout / 2)
+                await asyncio.wait(list(self._tasks), timeout=self.stopping.left() / 2)
+            await bus.drain(self.stopping.left())
             log.info("history stopped")
 
     # -- intake -----------------------------------------------------------------------
-    def _malformed(self, kind: str, subject: str, exc: Exception) -> None:
-        metrics.MALFORMED.inc()
-        self._badlog.warning(kind, "dropped malformed bus message", subject=subject, error=str(exc))
-
     async def on_message(self, msg: Msg) -> None:
         metrics.RECEIVED.inc()
         room = subjects.parse_room_message(msg.subject)
@@ -141,7 +141,7 @@ class HistoryService:
                 raise ValueError("not a room.<room>.message subject")
             chat = stamp_bus_chat(msg.data, room)
         except ValueError as exc:
-            self._malformed("bad_payload", msg.subject, exc)
+            self._malformed.drop("bad_payload", subject=msg.subject, error=str(exc))
             return
         # The stored form is canonical: id/ts made here, unknown fields dropped.
         payload = orjson.dumps(chat.model_dump(mode="json", exclude_none=True))
@@ -162,7 +162,7 @@ class HistoryService:
                 raise ValueError("not a user.<id>.message subject")
             dm = parse_bus_direct(msg.data, to)
         except ValueError as exc:
-            self._malformed("bad_direct", msg.subject, exc)
+            self._malformed.drop("bad_direct", subject=msg.subject, error=str(exc))
             return
         payload = orjson.dumps(dm.wire())
         key = (msg.headers or {}).get("Nats-Msg-Id") or None

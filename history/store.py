@@ -9,6 +9,7 @@ from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 from nats.js.errors import NoStreamResponseError
 
 from proto import subjects
+from services.backoff import Backoff
 from services.jetstream import ensure_stream
 
 from .settings import HistorySettings
@@ -59,7 +60,7 @@ class Store:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.history_store_timeout
-        delay = 0.1
+        backoff = Backoff(0.1, 0.5)
         headers = {**(extra or {}), **({"Nats-Msg-Id": msg_id} if msg_id else {})} or None
         while True:
             # An awaited publish (not publish_async): JetStream's refusals (a full store, a
@@ -72,9 +73,9 @@ class Store:
                     headers=headers,
                 )
             except NoStreamResponseError:
+                delay = backoff.next()
                 if loop.time() + delay >= deadline:
                     raise
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
                 continue
             return ack.seq, bool(ack.duplicate)

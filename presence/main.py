@@ -5,14 +5,15 @@ from __future__ import annotations
 from litestar import Litestar
 
 from services.http import health_handlers, serve
+from services.lifecycle import Shutdown
 from services.logs import setup_logging
 
 from .service import PresenceService
 from .settings import PresenceSettings
 
 
-def create_app(settings: PresenceSettings) -> Litestar:
-    service = PresenceService(settings)
+def create_app(settings: PresenceSettings, stopping: Shutdown | None = None) -> Litestar:
+    service = PresenceService(settings, stopping)
     return Litestar(
         route_handlers=health_handlers(service.ready),
         lifespan=[service.lifespan],
@@ -23,4 +24,5 @@ def create_app(settings: PresenceSettings) -> Litestar:
 
 def run(settings: PresenceSettings) -> None:
     setup_logging("presence", settings.log_level)
-    serve(create_app(settings), settings)
+    stopping = Shutdown(settings.shutdown_timeout)
+    serve(create_app(settings, stopping), settings, stopping)

@@ -31,6 +31,7 @@ from proto.errors import ErrorCode
 from proto.svc import PresenceMembers, PresenceQuery, service_error
 from services.bus import Bus, connect
 from services.jetstream import ensure_kv, note_storage_refusal, presence_bucket_config
+from services.lifecycle import Shutdown
 from services.logs import RateLimitedLog
 
 from . import metrics
@@ -45,8 +46,9 @@ PRESENCE_STREAM = f"KV_{subjects.PRESENCE_BUCKET}"
 
 
 class PresenceService:
-    def __init__(self, settings: PresenceSettings) -> None:
+    def __init__(self, settings: PresenceSettings, stopping: Shutdown | None = None) -> None:
         self.settings = settings
+        self.stopping = stopping or Shutdown(settings.shutdown_timeout)
         self.state = Rooms()
         self._bus: Bus | None = None
         self._ledger: Ledger | None = None
@@ -90,7 +92,7 @@ class PresenceService:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
-            await bus.drain(self.settings.shutdown_timeout / 2)
+            await bus.drain(self.stopping.left())
             log.info("presence stopped")
 
     def _chain_reconnect(self, previous: Any) -> Any:

@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
+from .backoff import Backoff
 from .jetstream import note_storage_refusal
 from .settings import NatsSettings
 
@@ -90,6 +91,7 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
         NATS_CONNECTED.set(0)
 
     attempt = 0
+    backoff = Backoff(settings.nats_reconnect_wait, 2.0)
     while True:
         nc = NATS()
         try:
@@ -118,7 +120,7 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
                 )
             if stop is not None and stop.is_set():
                 raise
-            await asyncio.sleep(min(settings.nats_reconnect_wait * attempt, 2.0))
+            await asyncio.sleep(backoff.next())
     NATS_CONNECTED.set(1)
     log.info("nats connected", extra={"url": str(nc.connected_url and nc.connected_url.netloc)})
     return Bus(nc=nc, js=nc.jetstream(), settings=settings, on_reconnect=hooks)

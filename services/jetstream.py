@@ -26,6 +26,7 @@ from prometheus_client import Counter
 
 from proto import subjects
 
+from .backoff import Backoff
 from .logs import RateLimitedLog
 
 log = logging.getLogger("roombus.jetstream")
@@ -238,7 +239,7 @@ def _transient(exc: BaseException) -> bool:
 async def _retrying(what: str, wait: float, step: Callable[[], Awaitable[T]]) -> T:
     """Run ``step``, retrying while JetStream is not ready, for at most ``wait`` seconds."""
     deadline = time.monotonic() + wait
-    delay = 0.25
+    backoff = Backoff(0.25, 2.0)
     attempt = 0
     while True:
         try:
@@ -253,8 +254,7 @@ async def _retrying(what: str, wait: float, step: Callable[[], Awaitable[T]]) ->
             attempt += 1
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("JetStream not ready yet, retrying", extra={"asset": what})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, wait: float = 60.0) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
+
+T = TypeVar("T")
 
 _STD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -72,3 +75,39 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(kind, 0)
         self._last[kind] = now
         self.logger.warning(msg, extra={"kind": kind, "suppressed": suppressed, **fields})
+
+
+class Malformed:
+    """Bus input that does not parse: counted, dropped, logged (rate-limited) — the one way
+    every service does it, so a bad publisher never crashes a service nor floods its log.
+
+    ``count`` is called with the metric label of each drop (by default the log ``kind``).
+    """
+
+    def __init__(self, log: RateLimitedLog, count: Callable[[str], object]) -> None:
+        self.log = log
+        self._count = count
+
+    def drop(
+        self,
+        kind: str,
+        msg: str = "dropped malformed bus message",
+        *,
+        metric: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Count one dropped input (label ``metric`` or ``kind``) and log it at most once per
+        interval per ``kind``."""
+        self._count(metric if metric is not None else kind)
+        self.log.warning(kind, msg, **fields)
+
+    def parse(
+        self, kind: str, subject: str, parse: Callable[[], T], *, metric: str | None = None
+    ) -> T | None:
+        """``parse()``, or None (dropped, counted, logged) when it raises ValueError (which
+        pydantic's ValidationError is)."""
+        try:
+            return parse()
+        except ValueError as exc:
+            self.drop(kind, metric=metric, subject=subject[:200], error=str(exc)[:300])
+            return None

@@ -57,7 +57,9 @@ class ServiceSettings(NatsSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Minimum level of the structured (JSON lines) log on stderr."""
     shutdown_timeout: float = Field(default=10.0, gt=0, le=300)
-    """Hard deadline in seconds for a graceful shutdown after SIGTERM."""
+    """Hard deadline in seconds for a graceful shutdown, counted from SIGTERM: every phase (SSE
+    streams ended, WebSockets closed with 1012, pending acks, the NATS drain) takes a part of
+    what is left; a shutdown still running 1 s past it ends the process (exit 1)."""
     instance: str = ""
     """Name of this process in logs and NATS monitoring (default: service-pid)."""
     ephemeral_rooms: str = ""

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -49,6 +50,42 @@ class StreamState:
     restarts its sequences under a new epoch."""
     first_seq: int
     last_seq: int
+
+
+class Reader(Protocol):
+    """Reads of one stream by sequence: what room logic (feeds, replay, history pages) needs
+    of storage. :class:`StreamReader` is the JetStream one; ``services.memstream.MemoryStream``
+    the in-memory one that in-process tests run against."""
+
+    async def after(
+        self, subject: str, after: int, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> tuple[list[Stored], bool]:
+        """Up to ``limit`` messages on ``subject`` with ``seq > after``, oldest first, cut at
+        ``max_bytes`` (never empty when something matches); (messages, has_more)."""
+        ...
+
+    async def first_from(self, subject: str, seq: int) -> Stored | None:
+        """The first message on ``subject`` with a sequence >= ``seq``, or None."""
+        ...
+
+    async def count_from(self, subject: str, seq: int) -> int:
+        """How many messages on ``subject`` have a sequence >= ``seq``."""
+        ...
+
+    async def last(self, subject: str) -> int:
+        """The sequence of the newest message on ``subject`` (0 when there is none)."""
+        ...
+
+    async def before(
+        self, subject: str, before: int | None, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> tuple[list[Stored], int, bool]:
+        """The ``limit`` messages just older than ``before`` (newest page when None), oldest
+        first, cut at ``max_bytes`` from the old end; (messages, prev of the first, has_more)."""
+        ...
+
+    async def state(self) -> StreamState:
+        """The stream's epoch and sequence range."""
+        ...
 
 
 class StreamReader:

@@ -6,7 +6,9 @@ import asyncio
 import base64
 import os
 import socket
+import time
 
+import httpx
 import nats
 import pytest
 
@@ -244,14 +246,43 @@ async def test_gateway_resumes_fanout_after_nats_restarts(
     await a.wait_texts(["and back"], timeout=20)
 
 
-async def test_sigterm_closes_clients_with_1012_and_exits_0(
+SHUTDOWN_TIMEOUT = 6.0
+SHUTDOWN_MARGIN = 5.0
+"""Past ``SHUTDOWN_TIMEOUT``: interpreter start-up of the signal handler, teardown after the
+last phase, and a loaded 2-core machine's scheduling. Generous on purpose: the promise is
+the deadline, not a figure (an SSE stream the gateway did not end would hold uvicorn's
+connection wait; the old phases added up to ~2.25x the timeout)."""
+
+
+async def test_sigterm_ends_sse_first_closes_websockets_with_1012_and_exits_0_in_time(
     nats_server: NatsServer, services: ServiceFactory, room: str
 ) -> None:
-    g = services("gateway", nats_server)
+    g = services("gateway", nats_server, SHUTDOWN_TIMEOUT=SHUTDOWN_TIMEOUT)
     c = await Client.open(g.ws_url, "c")
     await c.join(room)
-    code = await asyncio.to_thread(g.terminate)
+    joined = asyncio.Event()
+    ended: list[str] = []
+
+    async def sse() -> None:
+        async with httpx.AsyncClient(timeout=SHUTDOWN_TIMEOUT * 3) as http:
+            async with http.stream("GET", f"{g.http}/sse?rooms={room}&user=es") as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and '"joined"' in line:
+                        joined.set()
+        # The chunked body was terminated: the gateway ended the stream, uvicorn did not
+        # cancel it (a cancelled stream breaks off and httpx raises instead).
+        ended.append("clean")
+
+    stream = asyncio.create_task(sse())
+    await asyncio.wait_for(joined.wait(), 10)
+    started = time.monotonic()
+    code = await asyncio.to_thread(g.terminate, SHUTDOWN_TIMEOUT + 3 * SHUTDOWN_MARGIN)
+    elapsed = time.monotonic() - started
     assert code == 0, g.log()
+    assert elapsed < SHUTDOWN_TIMEOUT + SHUTDOWN_MARGIN, (elapsed, g.log())
+    await asyncio.wait_for(stream, 10)
+    assert ended == ["clean"]
     await c.wait(lambda _: c.closed is not None, 10, "close")
     assert c.closed is not None and c.closed.rcvd is not None
     assert c.closed.rcvd.code == 1012
