@@ -75,9 +75,14 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
             cmd += ["--nats-url", nats_url]
-        log = (logdir / f"{kind}-{self.port}.log").open("ab")
+        self.log = (logdir / f"{kind}-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=raise_nofile,
         )
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         deadline = time.time() + 30
@@ -108,6 +113,8 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
 
 
 def pct(xs: list[float], q: float) -> float:
