@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +75,14 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
             cmd += ["--nats-url", nats_url]
-        log = (logdir / f"{kind}-{self.port}.log").open("ab")
+        self.log = (logdir / f"{kind}-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=raise_nofile,
         )
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         deadline = time.time() + 30
@@ -108,6 +113,8 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -190,7 +197,7 @@ def settle(pids: list[int], limit: float = 60.0) -> None:
 def search_max(
     run: Callable[[float], dict[str, Any]],
     passed: Callable[[dict[str, Any]], bool],
-    rates: list[float],
+    rates: Sequence[float],
     settle: Callable[[], None],
     extend: int = 2,
     refine: int = 2,
@@ -237,7 +244,7 @@ def ramp(
     rooms: list[str],
     subs: int,
     pubs: int,
-    rates: list[float],
+    rates: Sequence[float],
     dur: float,
     history: list[Server],
 ) -> dict[str, Any]:
@@ -337,14 +344,14 @@ def stored_messages(nats_url: str) -> int:
     return asyncio.run(count())
 
 
-def scenario_d(replicas: int, rates: list[float], dur: float, tmp: Path) -> dict[str, Any]:
+def scenario_d(replicas: int, rates: Sequence[float], dur: float, tmp: Path) -> dict[str, Any]:
     """History store rate with ``replicas`` history processes, on a fresh nats-server."""
     nats = NatsServer(store_dir=tmp / f"nats-d{replicas}").start()
     history = [Server("history", nats.url, tmp) for _ in range(replicas)]
     gateway = Server("roombus", nats.url, tmp)
 
     def run(r: float) -> dict[str, Any]:
-        st = store_step(gateway, history, nats.url, r, dur)
+        st: dict[str, Any] = store_step(gateway, history, nats.url, r, dur)
         print(
             f"  history x{replicas} rate {r:6.0f}/s -> {st['acked_per_s']:7.0f} acked/s "
             f"ratio {st['ack_ratio']:.3f} p50 {st['p50_ms']:.1f} p99 {st['p99_ms']:.1f} ms "

@@ -29,7 +29,7 @@ from services.streamread import Stored, StreamReader
 
 from . import metrics
 from .settings import HistorySettings
-from .store import Store
+from .store import Store, Window
 
 log = logging.getLogger("roombus.history")
 
@@ -73,6 +73,7 @@ class HistoryService:
         self.stopping = stopping or Shutdown(settings.shutdown_timeout)
         self._bus: Bus | None = None
         self.store: Store | None = None
+        self.window: Window | None = None
         self.reader: StreamReader | None = None
         self._slots = asyncio.Semaphore(settings.history_inflight)
         self._query_slots = asyncio.Semaphore(settings.history_query_concurrency)
@@ -92,6 +93,8 @@ class HistoryService:
         self._bus = bus = await connect(self.settings, "history")
         store = Store(bus.js, self.settings)
         await store.provision()
+        self.window = window = Window(bus.nc, self.settings.history_store_timeout)
+        await window.start()
         self.store = store
         self.reader = StreamReader(bus.nc, subjects.HISTORY_STREAM)
         await self.reader.start()
@@ -123,7 +126,8 @@ class HistoryService:
         finally:
             self.accepting = False
             # Let stores in flight get their acks (their senders are waiting), then drain:
-            # both within what is left of the one shutdown deadline.
+            # all within what is left of the one shutdown deadline.
+            await window.stop(self.stopping.left() / 3)
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=self.stopping.left() / 2)
             await bus.drain(self.stopping.left())
@@ -151,7 +155,7 @@ class HistoryService:
         # (republished) copy, so the bridge never sends it back to Redis.
         origin = headers.get(ORIGIN_HEADER)
         extra = {ORIGIN_HEADER: origin} if origin else None
-        await self._spawn_store(chat.id, [(subjects.history(room), key, payload)], msg.reply, extra)
+        await self._window_store(chat.id, subjects.history(room), key, payload, msg.reply, extra)
 
     async def on_direct(self, msg: Msg) -> None:
         """A direct message: one stored copy in the inbox of each party, the sender's first."""
@@ -173,30 +177,56 @@ class HistoryService:
         ]
         await self._spawn_store(dm.id, copies, msg.reply)
 
-    async def _spawn_store(
-        self, msg_id: str, copies: list[Copy], reply: str, extra: dict[str, str] | None = None
+    async def _window_store(
+        self,
+        msg_id: str,
+        subject: str,
+        key: str | None,
+        payload: bytes,
+        reply: str,
+        extra: dict[str, str] | None,
     ) -> None:
+        """One room message into the window of JetStream publishes in flight: no task, no
+        awaited PubAck; the sender's ack (or refusal) goes out when the PubAck arrives."""
+        assert self.window is not None
         await self._slots.acquire()  # backpressure: the subscription's pending queue absorbs
         metrics.INFLIGHT.inc()
-        task = asyncio.create_task(self._store(msg_id, copies, reply, extra))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        headers = {**(extra or {}), **({"Nats-Msg-Id": key} if key else {})} or None
 
-    async def _store(
-        self, msg_id: str, copies: list[Copy], reply: str, extra: dict[str, str] | None
-    ) -> None:
-        assert self.store is not None and self._bus is not None
-        store = self.store
-        try:
-            if len(copies) == 1:  # a room message: no gather (and its extra task)
-                results = [await store.append(*copies[0], extra)]
+        async def done(seq: int, duplicate: bool, exc: BaseException | None) -> None:
+            self._slots.release()
+            metrics.INFLIGHT.dec()
+            if exc is not None:
+                await self._failed(msg_id, reply, exc)
+            elif duplicate:  # a retry: acked with the original's id, read from the stream
+                task = asyncio.create_task(self._ack_duplicate(msg_id, seq, reply))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             else:
-                results = await asyncio.gather(*(store.append(s, i, p) for s, i, p in copies))
-            seq, duplicate = results[0][0], all(d for _, d in results)
-            if duplicate:
-                msg_id = await self._original_id(seq) or msg_id
-        except APIError as exc:
-            metrics.STORE_FAILED.inc()
+                await self._ack(msg_id, seq, False, reply)
+
+        await self.window.publish(subject, payload, headers, done)
+
+    async def _ack_duplicate(self, msg_id: str, seq: int, reply: str) -> None:
+        try:
+            msg_id = await self._original_id(seq) or msg_id
+        except Exception as exc:
+            await self._failed(msg_id, reply, exc)
+            return
+        await self._ack(msg_id, seq, True, reply)
+
+    async def _ack(self, msg_id: str, seq: int, duplicate: bool, reply: str) -> None:
+        assert self._bus is not None
+        (metrics.DUPLICATES if duplicate else metrics.STORED).inc()
+        if reply:
+            ack = StoreAck(id=msg_id, seq=seq, duplicate=duplicate)
+            with contextlib.suppress(Exception):
+                await self._bus.nc.publish(reply, orjson.dumps(ack.model_dump()))
+
+    async def _failed(self, msg_id: str, reply: str, exc: BaseException) -> None:
+        assert self._bus is not None
+        metrics.STORE_FAILED.inc()
+        if isinstance(exc, APIError):
             if not note_storage_refusal(subjects.HISTORY_STREAM, exc):
                 # Transient (e.g. "duplicate message id is in process" while a cluster
                 # elects): no answer, the sender retries with the same Nats-Msg-Id.
@@ -210,20 +240,37 @@ class HistoryService:
                 with contextlib.suppress(Exception):
                     await self._bus.nc.publish(reply, orjson.dumps(body))
             return
+        # No ack goes back: the sender retries with the same Nats-Msg-Id, and JetStream's
+        # duplicate window makes that retry safe even if this store did land.
+        self._badlog.warning("store_failed", "store failed", id=msg_id, error=repr(exc)[:200])
+
+    async def _spawn_store(
+        self, msg_id: str, copies: list[Copy], reply: str, extra: dict[str, str] | None = None
+    ) -> None:
+        await self._slots.acquire()  # backpressure: the subscription's pending queue absorbs
+        metrics.INFLIGHT.inc()
+        task = asyncio.create_task(self._store(msg_id, copies, reply, extra))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _store(
+        self, msg_id: str, copies: list[Copy], reply: str, extra: dict[str, str] | None
+    ) -> None:
+        """A direct message's copies (one per party), stored together before the ack."""
+        assert self.store is not None
+        store = self.store
+        try:
+            results = await asyncio.gather(*(store.append(s, i, p, extra) for s, i, p in copies))
+            seq, duplicate = results[0][0], all(d for _, d in results)
+            if duplicate:
+                msg_id = await self._original_id(seq) or msg_id
         except Exception as exc:
-            # No ack goes back: the sender retries with the same Nats-Msg-Id, and JetStream's
-            # duplicate window makes that retry safe even if this store did land.
-            metrics.STORE_FAILED.inc()
-            self._badlog.warning("store_failed", "store failed", id=msg_id, error=repr(exc)[:200])
+            await self._failed(msg_id, reply, exc)
             return
         finally:
             self._slots.release()
             metrics.INFLIGHT.dec()
-        (metrics.DUPLICATES if duplicate else metrics.STORED).inc()
-        if reply:
-            ack = StoreAck(id=msg_id, seq=seq, duplicate=duplicate)
-            with contextlib.suppress(Exception):
-                await self._bus.nc.publish(reply, orjson.dumps(ack.model_dump()))
+        await self._ack(msg_id, seq, duplicate, reply)
 
     async def _original_id(self, seq: int) -> str | None:
         """The id of the message stored at ``seq`` (a retry is acked with the original's id)."""
