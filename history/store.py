@@ -94,6 +94,15 @@ Done = Callable[[int, bool, BaseException | None], Awaitable[None]]
 """Called once per windowed publish: (stream seq, was a duplicate, None) or (0, False, error)."""
 
 
+def _api_error(err: dict[str, object]) -> APIError:
+    """JetStream's error reply as its exception (nats-py's ``from_error`` raises it)."""
+    try:
+        APIError.from_error(err)
+    except APIError as exc:
+        return exc
+    return APIError(description=str(err))  # not reached: from_error always raises
+
+
 class _Pending:
     __slots__ = ("subject", "payload", "headers", "deadline", "delay", "done")
 
@@ -197,7 +206,7 @@ class Window:
             resp = orjson.loads(msg.data)
             err = resp.get("error")
             if err is not None:
-                exc: BaseException = APIError.from_error(err)
+                exc: BaseException = _api_error(err)
             else:
                 await pending.done(int(resp["seq"]), bool(resp.get("duplicate")), None)
                 return

@@ -21,8 +21,9 @@ from typing import Any
 import orjson
 from litestar import Litestar
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.kv import KeyValue, StopIterSentinel
 from pydantic import ValidationError
 
 from proto import subjects
@@ -42,6 +43,8 @@ from .state import Rooms
 log = logging.getLogger("roombus.presence")
 
 KV_DELETES = ("DEL", "PURGE")
+FOLD_GRACE = 2.0
+"""Seconds the initial fold waits, after nats-py's end marker, for the revision it expects."""
 PRESENCE_STREAM = f"KV_{subjects.PRESENCE_BUCKET}"
 
 
@@ -133,36 +136,61 @@ class PresenceService:
         initial = True
         # Every revision up to here is in the initial fold: the fold is the state as of it.
         folded_rev = (await self._bus.js.stream_info(PRESENCE_STREAM)).state.last_seq or 0
+        # The bucket's last revision before the watch: the initial fold is complete only once
+        # it has been seen (nats-py's end-of-initial-values marker can come early under load,
+        # and a fold cut short would announce leaves nobody made).
+        target_rev, seen_rev, marker = folded_rev, 0, False
         watcher = await kv.watchall()
         try:
-            async for entry in watcher:
-                if entry is None:  # the current state is folded: announce the difference
+            while True:
+                # After the marker, wait a little for the rest of the fold (the revision the
+                # stream had reached): past FOLD_GRACE, go on with what is folded (that
+                # revision may be gone: an expired delete marker).
+                early = initial and marker and seen_rev < target_rev
+                try:
+                    entry = await watcher.updates(  # type: ignore[no-untyped-call]
+                        timeout=FOLD_GRACE if early else 3600
+                    )
+                except NatsTimeoutError:
+                    if not early:
+                        continue
+                    entry, seen_rev = None, target_rev
+                if isinstance(entry, StopIterSentinel):
+                    return
+                if entry is None:
+                    marker = True
+                else:
+                    seen_rev = max(seen_rev, entry.revision or 0)
+                    await self._fold(entry, fresh if initial else self.state, initial)
+                    if initial:
+                        folded_rev = max(folded_rev, entry.revision or 0)
+                if initial and marker and seen_rev >= target_rev:
+                    # The current state is folded: announce the difference.
                     initial = False
                     self.state = fresh
                     await self._reconcile(fresh, folded_rev)
                     self._synced = True
                     metrics.ROOMS.set(len(fresh.rooms))
                     log.info("presence state loaded", extra={"rooms": len(fresh.rooms)})
-                    continue
-                parsed = subjects.parse_presence_key(entry.key)
-                if parsed is None:
-                    metrics.MALFORMED.inc()
-                    self._badlog.warning("bad_key", "ignored presence key", key=entry.key[:200])
-                    continue
-                room, user, gateway = parsed
-                target = fresh if initial else self.state
-                change: str | None
-                if entry.operation in KV_DELETES:
-                    change = target.remove(room, user, gateway)
-                else:
-                    change = target.put(room, user, gateway)
-                if initial:
-                    folded_rev = max(folded_rev, entry.revision or 0)
-                elif change is not None and entry.revision is not None:
-                    await self._emit(change, room, user, entry.revision)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _fold(self, entry: KeyValue.Entry, target: Rooms, initial: bool) -> None:
+        """One bucket entry into ``target``; once live, its change is announced."""
+        parsed = subjects.parse_presence_key(entry.key)
+        if parsed is None:
+            metrics.MALFORMED.inc()
+            self._badlog.warning("bad_key", "ignored presence key", key=entry.key[:200])
+            return
+        room, user, gateway = parsed
+        change: str | None
+        if entry.operation in KV_DELETES:
+            change = target.remove(room, user, gateway)
+        else:
+            change = target.put(room, user, gateway)
+        if not initial and change is not None and entry.revision is not None:
+            await self._emit(change, room, user, entry.revision)
 
     async def _reconcile(self, state: Rooms, rev: int) -> None:
         """Announce the joins and leaves between the last announced state and ``state``."""
