@@ -157,10 +157,17 @@ class Conn:
         if self._started and self._writer is None and self._buf:
             self._writer = asyncio.create_task(self._write_loop())
 
-    def offer(self, frame: bytes, cursor: int | None = None, wire: bytes | None = None) -> bool:
+    def offer(
+        self,
+        frame: bytes,
+        cursor: int | None = None,
+        wire: bytes | None = None,
+        room: str | None = None,
+    ) -> bool:
         """Send ``frame`` (or queue it); False (and counted) when it was dropped.
 
-        ``cursor`` is the stream position of a stored message (SSE sends it as ``id:``);
+        ``cursor`` is the stream position of a stored message and ``room`` the room it is in
+        (SSE sends them as ``id:``);
         ``wire`` is ``frame`` as a WebSocket text frame, when the caller built it already.
         """
         if self.is_closed:
@@ -206,7 +213,7 @@ class Conn:
         log.warning("slow client disconnected", extra={"user": self.user})
         self.shut(CloseCode.SLOW_CONSUMER)
 
-    async def put(self, frame: bytes, cursor: int | None = None) -> bool:
+    async def put(self, frame: bytes, cursor: int | None = None, room: str | None = None) -> bool:
         """Queue ``frame``, waiting for buffer space (for replays, which must not drop).
 
         A client that makes no room within the slow-client timeout is disconnected.
@@ -226,7 +233,7 @@ class Conn:
                     metrics.SLOW_DISCONNECTS.inc()
                     self.shut(CloseCode.SLOW_CONSUMER)
                 return False
-        return self.offer(frame, cursor)
+        return self.offer(frame, cursor, room=room)
 
     def made_room(self) -> None:
         """The buffer drained below half: the client reads again."""

@@ -215,7 +215,8 @@ class Hub:
         """A feed's next message to its local members: held for those still catching up,
         skipped for those whose replay already went past it."""
         key = feed.subject
-        members = self.rooms.get(feed.name) if key[0] == "h" else self.users.get(feed.name)
+        room = feed.name if key[0] == "h" else None  # a room's feed, or a user's inbox
+        members = self.rooms.get(feed.name) if room is not None else self.users.get(feed.name)
         if not members:
             return
         wire = text_frame(frame)
@@ -232,7 +233,7 @@ class Hub:
                     if seq <= floor:
                         continue
                     del conn.floor[key]
-            n += conn.offer(frame, seq, wire)
+            n += conn.offer(frame, seq, wire, room)
         metrics.DELIVERED.inc(n)
 
     def _stored(self, msg: Msg, kind: str) -> None:

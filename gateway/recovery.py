@@ -128,7 +128,7 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
                     metrics.BUS_MALFORMED.labels("stored").inc()
                     cursor = row.seq
                     continue
-                if not await conn.put(frame, row.seq):
+                if not await conn.put(frame, row.seq, room):
                     return
                 cursor = row.seq
             metrics.REPLAYED.inc(len(rows))
@@ -144,7 +144,7 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
             # Caught up: hand over to the live feed (no await from here on).
             del conn.catching[key]
             for seq, _prev, frame in held:
-                conn.offer(frame, seq)
+                conn.offer(frame, seq, room=room)
                 cursor = seq
             feed = gw.hub.room_feed(room)
             if feed is not None and feed.last is not None and cursor > feed.last:

@@ -53,16 +53,20 @@ class SseConn(Conn):
     __slots__ = ("positions",)
     positions: dict[str, int]
 
-    def offer(self, frame: bytes, cursor: int | None = None, wire: bytes | None = None) -> bool:
-        if cursor is None or not frame.startswith(b'{"type":"chat.message"'):
+    def offer(
+        self,
+        frame: bytes,
+        cursor: int | None = None,
+        wire: bytes | None = None,
+        room: str | None = None,
+    ) -> bool:
+        if cursor is None or room is None:
             return super().offer(b"data: " + frame + b"\n\n")  # live only, or a DM
         positions = self.positions
         if len(positions) <= 1:
             event_id = str(cursor)
         else:
-            room = _room_of(frame)
-            if room in positions:
-                positions[room] = cursor
+            positions[room] = cursor
             event_id = ",".join(f"{r}:{p}" for r, p in positions.items())
         return super().offer(b"id: " + event_id.encode() + b"\ndata: " + frame + b"\n\n")
 
@@ -92,12 +96,6 @@ class Refused(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def _room_of(frame: bytes) -> str:
-    """The ``room`` of an encoded ``chat.message`` frame (only ever called for those)."""
-    data = orjson.loads(frame).get("data") or {}
-    return str(data.get("room", ""))
 
 
 def parse_last_event_id(raw: str, rooms: list[str]) -> dict[str, int]:
