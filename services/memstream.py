@@ -16,7 +16,7 @@ import itertools
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .streamread import PAGE_BYTES, ReadError, Stored, StreamState
+from .streamread import PAGE_BYTES, ReadError, Stored, StreamState, newest_page
 
 T = TypeVar("T")
 
@@ -131,20 +131,8 @@ class MemoryStream:
     ) -> tuple[list[Stored], int, bool]:
         mine = self._by_subject.get(subject, [])
         older = mine if before is None else mine[: bisect.bisect_left(mine, before)]
-        has_more = len(older) > limit
-        page = [self._stored(subject, s) for s in (older[-limit:] if limit else [])]
-        prev = older[-limit - 1] if has_more else 0
-        size, keep = 0, len(page)  # cut by bytes from the old end, as the JetStream reader
-        for i in range(len(page) - 1, -1, -1):
-            size += len(page[i].data)
-            if size > max_bytes and i < len(page) - 1:
-                keep = len(page) - 1 - i
-                break
-        if keep < len(page):
-            prev = page[len(page) - keep - 1].seq
-            page = page[len(page) - keep :]
-            has_more = True
-        return await self._answer((page, prev, has_more))
+        tail = [self._stored(subject, s) for s in older[-limit - 1 :]]
+        return await self._answer(newest_page(tail, limit, max_bytes))
 
     async def state(self) -> StreamState:
         first = self._seqs[0] if self._seqs else self._last_seq + 1

@@ -88,6 +88,26 @@ class Reader(Protocol):
         ...
 
 
+def newest_page(older: list[Stored], limit: int, max_bytes: int) -> tuple[list[Stored], int, bool]:
+    """The page of a backward read: the newest ``limit`` of ``older`` (oldest first; one more
+    before them tells the first one's prev and that there are older ones), cut by bytes from the
+    old end. Returns (messages, prev of the first one, has_more)."""
+    has_more = len(older) > limit
+    page = older[-limit:] if limit else []
+    prev = older[-limit - 1].seq if has_more else 0
+    size, keep = 0, len(page)
+    for i in range(len(page) - 1, -1, -1):
+        size += len(page[i].data)
+        if size > max_bytes and i < len(page) - 1:
+            keep = len(page) - 1 - i
+            break
+    if keep < len(page):
+        prev = page[len(page) - keep - 1].seq
+        page = page[len(page) - keep :]
+        has_more = True
+    return page, prev, has_more
+
+
 class StreamReader:
     """Direct reads of one stream over the process's NATS connection.
 
@@ -222,39 +242,24 @@ class StreamReader:
             while (await self.count_from(subject, lo)) - tail < want:
                 hi, step = lo, step * 4
                 lo = max(1, before - step)
-            while True:
-                n = (await self.count_from(subject, lo)) - tail
-                if n <= 2 * want or hi - lo <= 1:
-                    break
+            n = (await self.count_from(subject, lo)) - tail
+            while n > 2 * want and hi - lo > 1:
                 mid = (lo + hi) // 2
-                if (await self.count_from(subject, mid)) - tail >= want:
-                    lo = mid
+                m = (await self.count_from(subject, mid)) - tail
+                if m >= want:
+                    lo, n = mid, m
                 else:
                     hi = mid
         msgs: list[Stored] = []
         start = lo
         while True:
             body = orjson.dumps({"seq": start, "next_by_subj": subject, "batch": 2 * want + 1})
-            got = [s for s in map(self._stored, await self._ask(self._api, body))]
+            got = list(map(self._stored, await self._ask(self._api, body)))
             msgs.extend(s for s in got if s.seq < before)
             if not got or got[-1].seq >= before or got[-1].pending == 0:
                 break
             start = got[-1].seq + 1
-        has_more = len(msgs) > limit
-        page = msgs[-limit:] if limit else []
-        prev = msgs[-limit - 1].seq if has_more else 0
-        # Cut by bytes from the old end: the newest messages are the ones asked for.
-        size, keep = 0, len(page)
-        for i in range(len(page) - 1, -1, -1):
-            size += len(page[i].data)
-            if size > max_bytes and i < len(page) - 1:
-                keep = len(page) - 1 - i
-                break
-        if keep < len(page):
-            prev = page[len(page) - keep - 1].seq
-            page = page[len(page) - keep :]
-            has_more = True
-        return page, prev, has_more
+        return newest_page(msgs, limit, max_bytes)
 
     async def state(self) -> StreamState:
         """The stream's epoch and sequence range (one stream-info request)."""
