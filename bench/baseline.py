@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import nats
 import orjson
+from nats.aio.msg import Msg
 from websockets.asyncio.server import ServerConnection, serve
 
 
@@ -21,7 +22,7 @@ async def main(port: int, nats_url: str) -> None:
     rooms: dict[str, set[ServerConnection]] = {}
     nc = await nats.connect(nats_url)
 
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
+    async def on_msg(msg: Msg) -> None:
         room = msg.subject.split(".")[1]
         local = rooms.get(room)
         if not local:

@@ -29,6 +29,8 @@ HEAL_BATCH = 500
 HOLD_BYTES = 8 * 1024 * 1024
 """Bytes of live messages one feed holds while it heals; past it they are read again."""
 RETRY_MAX = 2.0
+BEHIND_MAX = 0.25
+"""Seconds at most between the reads again when the replica that answered was behind."""
 
 Row = tuple[int, int, bytes]
 """(seq, prev, encoded client frame)"""
@@ -201,7 +203,7 @@ class Feeds:
             return
 
     async def _catch_up(self, feed: Feed) -> None:
-        read_nothing = False
+        behind = Backoff(0.005, BEHIND_MAX)
         while True:
             if feed.last is None:
                 feed.last = await self.reader.last(feed.subject)
@@ -214,21 +216,29 @@ class Feeds:
                     self._emit(feed, row.seq, prev, row.data)
                     prev = row.seq
                 metrics.HEALED.inc(len(rows))
-                read_nothing = not rows
                 if more:
                     continue
             # Everything stored up to the read is out; now what was held meanwhile.
             if feed.overflow:
                 feed.overflow = False
                 continue
+            # The first held message links to one the read did not return: the replica that
+            # answered is behind (or the message came after the read), unless the stream's
+            # leader says it is gone (expired): then go on from what is there.
+            accept = 0
+            first = min((r for r in feed.held if r[0] > feed.last), default=None)
+            if first is not None and first[1] > feed.last:
+                if await self.reader.get(first[1]) is not None:
+                    metrics.READ_BEHIND.inc()
+                    await asyncio.sleep(behind.next())
+                    continue
+                accept = first[0]
             held, feed.held, feed.held_bytes = sorted(feed.held), [], 0
             gap = False
             for i, (seq, prev, data) in enumerate(held):
                 if seq <= feed.last:
                     continue
-                if prev > feed.last and not read_nothing:
-                    # The stream has what is missing (a read that found nothing means it
-                    # expired already: go on with what is there).
+                if prev > feed.last and seq != accept:  # a gap inside what was held
                     feed.held = held[i:] + feed.held
                     feed.held_bytes = sum(len(r[2]) for r in feed.held)
                     gap = True

@@ -33,6 +33,10 @@ DUPLICATES = Counter(
     "roombus_gateway_duplicates_total", "Republished messages already delivered by a heal"
 )
 GAPS = Counter("roombus_gateway_gaps_total", "Gaps in a room's or inbox's sequence (prev mismatch)")
+READ_BEHIND = Counter(
+    "roombus_gateway_read_behind_total",
+    "Stream reads answered by a replica behind the message they had to reach (read again)",
+)
 HEALED = Counter("roombus_gateway_healed_total", "Stored messages read from the stream to heal")
 HEAL_SECONDS = Histogram(
     "roombus_gateway_heal_seconds",

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 from proto import subjects
 from proto.errors import ErrorCode
 from proto.frames import FrameError, error_frame
+from services.backoff import Backoff
 from services.streamread import ReadError
 
 from . import metrics
 from .conn import Catch, Conn
-from .feeds import room_frame
+from .feeds import BEHIND_MAX, room_frame
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -115,6 +116,7 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
     key = subjects.history(room)
     reader = gw.reader
     cursor = since
+    behind = Backoff(0.005, BEHIND_MAX)
     try:
         for _ in range(ROUNDS_MAX):
             catch = conn.catching.get(key)
@@ -138,9 +140,23 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
                 catch.overflow = False
                 continue
             held = [r for r in catch.rows if r[0] > cursor]
-            if held and held[0][1] > cursor and rows:
+            # The read must reach what the client is owed before live messages: the message
+            # the first held one links to, else the last one the feed delivered before this
+            # client joined. Short of it, the replica that answered was behind (or the message
+            # came after the read): read again, unless the leader says it is gone (expired).
+            if held:
+                owed = held[0][1]
+            else:
+                feed = gw.hub.room_feed(room)
+                owed = feed.last or 0 if feed is not None else 0
+            if owed > cursor and await reader.get(owed) is not None:
+                metrics.READ_BEHIND.inc()
+                await asyncio.sleep(behind.next())
+                continue
+            held = [r for r in catch.rows if r[0] > cursor]
+            if held and held[0][1] > cursor and held[0][1] != owed:
                 catch.rows = held
-                continue  # stored after our read: read again
+                continue  # a held message links to one stored meanwhile: read again
             # Caught up: hand over to the live feed (no await from here on).
             del conn.catching[key]
             for seq, _prev, frame in held:

@@ -273,10 +273,14 @@ class HistoryService:
         await self._ack(msg_id, seq, duplicate, reply)
 
     async def _original_id(self, seq: int) -> str | None:
-        """The id of the message stored at ``seq`` (a retry is acked with the original's id)."""
+        """The id of the message stored at ``seq`` (a retry is acked with the original's id).
+
+        Read from the stream's leader: the PubAck that named ``seq`` came from it, and a
+        replica may not have the message yet (a direct read there would miss it and the
+        retry would be acked under an id nothing was stored with)."""
         assert self.reader is not None
-        found = await self.reader.first_from(">", seq)
-        if found is None or found.seq != seq:
+        found = await self.reader.get(seq)
+        if found is None:
             return None
         try:
             value = orjson.loads(found.data).get("id")

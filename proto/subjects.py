@@ -83,6 +83,11 @@ def direct_get(stream: str, last_by_subject: str | None = None) -> str:
     return f"{base}.{last_by_subject}" if last_by_subject else base
 
 
+def msg_get(stream: str) -> str:
+    """The JetStream message-get API subject of ``stream`` (answered by its leader only)."""
+    return f"$JS.API.STREAM.MSG.GET.{stream}"
+
+
 def svc_history(room: str) -> str:
     """``svc.history.<room>``: history queries."""
     return f"svc.history.{check_name(room, 'room')}"

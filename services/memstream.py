@@ -46,6 +46,9 @@ class MemoryStream:
         """The next this-many reads raise :class:`ReadError` (a broker that is away)."""
         self.reads = 0
         """Reads answered so far (tests check that work was, or was not, done)."""
+        self.replica_at: int | None = None
+        """When set, the direct reads are answered by a replica that has applied only the
+        messages up to this sequence (the leader's :meth:`get` sees everything)."""
 
     def _empty(self) -> None:
         self.epoch = str(next(_epochs))
@@ -93,8 +96,15 @@ class MemoryStream:
         await self._gate.wait()
         return answer
 
+    def _mine(self, subject: str) -> list[int]:
+        """The sequences of ``subject`` the answering replica has."""
+        mine = self._by_subject.get(subject, [])
+        if self.replica_at is None:
+            return mine
+        return mine[: bisect.bisect_right(mine, self.replica_at)]
+
     def _stored(self, subject: str, seq: int) -> Stored:
-        mine = self._by_subject[subject]
+        mine = self._mine(subject)
         pending = len(mine) - bisect.bisect_right(mine, seq)
         return Stored(seq=seq, subject=subject, data=self._msgs[seq][1], pending=pending)
 
@@ -102,7 +112,7 @@ class MemoryStream:
     async def after(
         self, subject: str, after: int, limit: int, max_bytes: int = PAGE_BYTES
     ) -> tuple[list[Stored], bool]:
-        mine = self._by_subject.get(subject, [])
+        mine = self._mine(subject)
         rest = mine[bisect.bisect_right(mine, after) :]
         out: list[Stored] = []
         size = 0
@@ -114,22 +124,22 @@ class MemoryStream:
         return await self._answer((out, len(out) < len(rest)))
 
     async def first_from(self, subject: str, seq: int) -> Stored | None:
-        mine = self._by_subject.get(subject, [])
+        mine = self._mine(subject)
         i = bisect.bisect_left(mine, max(1, seq))
         return await self._answer(self._stored(subject, mine[i]) if i < len(mine) else None)
 
     async def count_from(self, subject: str, seq: int) -> int:
-        mine = self._by_subject.get(subject, [])
+        mine = self._mine(subject)
         return await self._answer(len(mine) - bisect.bisect_left(mine, max(1, seq)))
 
     async def last(self, subject: str) -> int:
-        mine = self._by_subject.get(subject)
+        mine = self._mine(subject)
         return await self._answer(mine[-1] if mine else 0)
 
     async def before(
         self, subject: str, before: int | None, limit: int, max_bytes: int = PAGE_BYTES
     ) -> tuple[list[Stored], int, bool]:
-        mine = self._by_subject.get(subject, [])
+        mine = self._mine(subject)
         older = mine if before is None else mine[: bisect.bisect_left(mine, before)]
         tail = [self._stored(subject, s) for s in older[-limit - 1 :]]
         return await self._answer(newest_page(tail, limit, max_bytes))
@@ -137,3 +147,9 @@ class MemoryStream:
     async def state(self) -> StreamState:
         first = self._seqs[0] if self._seqs else self._last_seq + 1
         return await self._answer(StreamState(self.epoch, first, self._last_seq))
+
+    async def get(self, seq: int) -> Stored | None:
+        found = self._msgs.get(seq)
+        if found is None:
+            return await self._answer(None)
+        return await self._answer(Stored(seq=seq, subject=found[0], data=found[1], pending=0))

@@ -1,7 +1,12 @@
 """Reading a stream by sequence: JetStream batched direct get, work bounded by what is returned.
 
-Every read here is a ``$JS.API.DIRECT.GET.<stream>`` request answered by any replica of the
-stream (``allow_direct``), with no consumer created and nothing left behind. Forward reads
+Every read here but :meth:`StreamReader.get` is a ``$JS.API.DIRECT.GET.<stream>`` request
+answered by any replica of the stream (``allow_direct``), with no consumer created and nothing
+left behind. A replica may answer a little behind the leader (it applies what the leader
+committed a moment later): a read can miss the newest messages, never show a wrong one. Who
+must not miss one (a feed healing up to a message it saw, a replay up to where the room was)
+asks :meth:`StreamReader.get` (the leader) whether the message it expected exists, and reads
+again when it does. Forward reads
 (``after``) are one batched request per page. Backward pages (``before``) find where the
 page starts with a galloping search over ``Nats-Num-Pending`` counts (``O(log n)`` requests of
 one message each), then read the page forwards: no time windows, no scan over a burst.
@@ -10,11 +15,13 @@ one message each), then read the page forwards: no time windows, no scan over a 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
+import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -85,6 +92,11 @@ class Reader(Protocol):
 
     async def state(self) -> StreamState:
         """The stream's epoch and sequence range."""
+        ...
+
+    async def get(self, seq: int) -> Stored | None:
+        """The message at ``seq`` as the stream's leader has it, or None (expired, deleted,
+        not stored): current, where the other reads may come from a replica behind."""
         ...
 
 
@@ -272,6 +284,29 @@ class StreamReader:
         return StreamState(
             epoch=epoch, first_seq=int(info.state.first_seq), last_seq=int(info.state.last_seq)
         )
+
+    async def get(self, seq: int) -> Stored | None:
+        """The message at ``seq`` as the stream's leader has it, or None when the stream no
+        longer (or never) had it. One ``$JS.API.STREAM.MSG.GET`` request: only the leader
+        answers, so this is the read to trust after a direct read came back short."""
+        try:
+            resp = await self.nc.request(
+                subjects.msg_get(self.stream), orjson.dumps({"seq": seq}), timeout=self.timeout
+            )
+            body = orjson.loads(resp.data)
+        except (nats.errors.Error, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise ReadError(f"stream {self.stream}: no message get ({exc!r})") from exc
+        err = body.get("error") if isinstance(body, dict) else None
+        if err:
+            if err.get("code") == 404:
+                return None
+            raise ReadError(f"stream {self.stream}: message get answered {err}")
+        try:
+            m = body["message"]
+            data = base64.b64decode(m.get("data") or "")
+            return Stored(seq=int(m["seq"]), subject=str(m["subject"]), data=data, pending=0)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReadError(f"stream {self.stream}: bad message get answer ({exc!r})") from exc
 
     async def stop(self) -> None:
         if self._sub is not None:

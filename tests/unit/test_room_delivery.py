@@ -168,6 +168,34 @@ async def test_a_feed_that_cannot_read_yet_retries_and_loses_nothing() -> None:
     a.check_links(0)
 
 
+async def test_a_heal_answered_by_a_replica_behind_reads_again_until_it_has_the_gap() -> None:
+    g = Gw()
+    a = await g.member("a")
+    one = g.say("one")
+    behind = _count("roombus_gateway_read_behind_total")
+    g.stream.replica_at = one.seq  # the replica answering direct reads has only "one"
+    g.store("two")  # its republished copy is lost
+    g.say("three")  # links to "two": a gap the replica cannot fill yet
+    await soon(lambda: _count("roombus_gateway_read_behind_total") >= behind + 2, "rereads")
+    assert a.texts() == ["one"]  # nothing past the gap while it is not filled
+    g.stream.replica_at = None  # the replica caught up
+    await soon(lambda: a.texts() == ["one", "two", "three"], "the healed room")
+    a.check_links(0)
+
+
+async def test_a_gap_the_leader_no_longer_has_is_skipped_not_waited_on() -> None:
+    g = Gw()
+    a = await g.member("a")
+    one = g.say("one")
+    g.stream.replica_at = one.seq
+    two = g.store("two")  # lost live, and then expired before anyone read it
+    g.stream.expire(before=two.seq + 1)
+    g.say("three")
+    await soon(lambda: a.texts() == ["one", "three"], "the room past what expired")
+    feed = g.hub.room_feed(ROOM)
+    assert feed is not None and not feed.busy
+
+
 async def test_live_messages_past_the_hold_bound_are_read_again_not_lost() -> None:
     g = Gw(hold_max=2)
     a = await g.member("a")
@@ -222,6 +250,27 @@ async def test_a_replay_merges_with_live_messages_that_arrive_while_it_reads() -
     await soon(lambda: b.texts() == want, "the replay, then live messages")
     await _settle()
     assert b.texts() == want
+    b.check_links(since)
+
+
+async def test_a_replay_answered_by_a_replica_behind_still_reaches_where_the_room_was() -> None:
+    g = Gw()
+    _a, sent = await _backlog(g, 5)  # the feed delivered m1..m5 before b joins
+    b = Client("b")
+    g.hub.add(b.conn)
+    since = sent[0].seq
+    g.stream.replica_at = sent[2].seq  # the replica reading the replay has only m1..m3
+    joined = await join_stored(g.gw, b.conn, ROOM, since, None)
+    assert joined["recovered"] is True
+    behind = _count("roombus_gateway_read_behind_total")
+    replaying = asyncio.create_task(replay(g.gw, b.conn, ROOM, since))
+    await soon(lambda: _count("roombus_gateway_read_behind_total") > behind, "a reread")
+    assert not replaying.done() and b.texts() == ["m2", "m3"]
+    g.stream.replica_at = None
+    await asyncio.wait_for(replaying, WAIT)
+    g.say("m6")
+    want = [f"m{i}" for i in range(2, 7)]
+    await soon(lambda: b.texts() == want, "the whole replay, then live")
     b.check_links(since)
 
 
