@@ -46,6 +46,11 @@ KV_DELETES = ("DEL", "PURGE")
 FOLD_GRACE = 2.0
 """Seconds the initial fold waits, after nats-py's end marker, for the revision it expects."""
 PRESENCE_STREAM = f"KV_{subjects.PRESENCE_BUCKET}"
+QUERIES_WAITING_MAX = 1000
+"""Queries waiting for the fold at once; past it a query is answered from what is folded."""
+QUERY_CATCH_UP = 0.25
+"""Seconds a members query may wait for the fold to reach the bucket's revision at the time
+it was asked (a join reported just before the query is in the answer)."""
 
 
 class PresenceService:
@@ -60,6 +65,11 @@ class PresenceService:
         self._badlog = RateLimitedLog(log)
         self._watch_task: asyncio.Task[None] | None = None
         self._resync = asyncio.Event()
+        self._folded = 0
+        self._answering: set[asyncio.Task[None]] = set()
+        """The bucket revision the live state includes."""
+        self._moved = asyncio.Event()
+        """Set (and replaced) each time ``_folded`` moves."""
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = self._bus is not None and self._bus.connected
@@ -164,17 +174,40 @@ class PresenceService:
                     await self._fold(entry, fresh if initial else self.state, initial)
                     if initial:
                         folded_rev = max(folded_rev, entry.revision or 0)
+                    else:
+                        self._advance(seen_rev)
                 if initial and marker and seen_rev >= target_rev:
                     # The current state is folded: announce the difference.
                     initial = False
                     self.state = fresh
                     await self._reconcile(fresh, folded_rev)
                     self._synced = True
+                    self._advance(max(seen_rev, folded_rev))
                     metrics.ROOMS.set(len(fresh.rooms))
                     log.info("presence state loaded", extra={"rooms": len(fresh.rooms)})
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _advance(self, revision: int) -> None:
+        if revision > self._folded:
+            self._folded = revision
+            moved, self._moved = self._moved, asyncio.Event()
+            moved.set()
+
+    async def _caught_up(self, within: float) -> None:
+        """Wait (at most ``within``) until the state includes every bucket revision written
+        before now: a member reported a moment ago is in the answer, whatever the watch's
+        lag. Past the bound, the answer is what is folded (presence converges)."""
+        assert self._bus is not None
+        try:
+            async with asyncio.timeout(within):
+                info = await self._bus.js.stream_info(PRESENCE_STREAM)
+                target = info.state.last_seq or 0
+                while self._folded < target:
+                    await self._moved.wait()
+        except Exception:  # timed out, or no answer: what is folded is the answer
+            metrics.QUERIES_STALE.inc()
 
     async def _fold(self, entry: KeyValue.Entry, target: Rooms, initial: bool) -> None:
         """One bucket entry into ``target``; once live, its change is announced."""
@@ -242,11 +275,29 @@ class PresenceService:
                 raise ValueError("subject room and query room differ")
             if not self._synced:
                 body = service_error(ErrorCode.UNAVAILABLE, "presence is still loading")
-            else:
-                members = self.state.members(room)
-                body = PresenceMembers(room=room, members=members, count=len(members)).model_dump()
+            elif len(self._answering) < QUERIES_WAITING_MAX:
+                # Answered from a task of its own: the wait for the fold must not hold up the
+                # queries behind it (a subscription's callbacks run one at a time).
+                task = asyncio.create_task(self._answer(msg, room))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
+                return
+            else:  # too many waiting already: what is folded now
+                metrics.QUERIES_STALE.inc()
+                body = self._members(room)
         except (ValidationError, ValueError) as exc:
             body = service_error(ErrorCode.INVALID, str(exc).splitlines()[0][:300])
+        await self._respond(msg, body)
+
+    async def _answer(self, msg: Msg, room: str) -> None:
+        await self._caught_up(QUERY_CATCH_UP)
+        await self._respond(msg, self._members(room))
+
+    def _members(self, room: str) -> dict[str, Any]:
+        members = self.state.members(room)
+        return PresenceMembers(room=room, members=members, count=len(members)).model_dump()
+
+    async def _respond(self, msg: Msg, body: dict[str, Any]) -> None:
         metrics.QUERIES.inc()
         with contextlib.suppress(Exception):
             await msg.respond(orjson.dumps(body))

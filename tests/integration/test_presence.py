@@ -55,6 +55,23 @@ async def test_join_and_leave_are_seen_across_gateways(
     assert await members(alice, room) == ["alice"]
 
 
+async def test_a_join_lists_everyone_whose_join_was_answered_before_it(
+    nats_server: NatsServer, services: ServiceFactory, room: str
+) -> None:
+    """Read-your-writes across gateways: a member told ``joined`` is in the member list of
+    every join that starts after that, on any gateway (the presence service answers once its
+    fold reached the bucket's revision at query time)."""
+    services("presence", nats_server)
+    gateways = [services("gateway", nats_server) for _ in range(2)]
+    seen: list[str] = []
+    for i in range(16):
+        user = f"u{i:02d}"
+        c = await Client.open(gateways[i % 2].ws_url, user)
+        joined = await c.join(room)
+        assert joined["data"]["members"] == sorted([*seen, user]), f"{user} joining"
+        seen.append(user)
+
+
 async def test_two_tabs_of_one_user_are_one_member(
     nats_server: NatsServer, services: ServiceFactory, room: str
 ) -> None:
