@@ -37,11 +37,15 @@ class MemSub:
         self.bus, self.sid, self.subject, self.cb = bus, sid, subject, cb
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.received = 0
+        self.running = asyncio.Event()
+        """Cleared: the messages wait in the queue (a subscription whose task is behind)."""
+        self.running.set()
+        self.held: Any = None
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     @property
     def pending_msgs(self) -> int:
-        return self.queue.qsize()
+        return self.queue.qsize() + (self.held is not None)
 
     @property
     def delivered(self) -> int:
@@ -50,6 +54,10 @@ class MemSub:
     async def _run(self) -> None:
         while True:
             msg = await self.queue.get()
+            if not self.running.is_set():
+                self.held = msg  # still pending: taken from the queue, not handed on
+                await self.running.wait()
+                self.held = None
             try:
                 await self.cb(msg)
             finally:
@@ -73,9 +81,13 @@ class MemBus:
         self.flushing = asyncio.Event()
         """Cleared: a flush waits (a slow PONG), to catch a switch half-way."""
         self.flushing.set()
+        self.subscribing = asyncio.Event()
+        """Cleared: a subscribe waits before it is in place (a full pending buffer)."""
+        self.subscribing.set()
         self._sid = 0
 
     async def subscribe(self, subject: str, cb: Callback, **_limits: int) -> MemSub:
+        await self.subscribing.wait()
         self._sid += 1
         sub = self.subs[self._sid] = MemSub(self, self._sid, subject, cb)
         self.subscribed.append(subject)
@@ -84,6 +96,11 @@ class MemBus:
     async def flush(self, timeout: float = 10) -> None:
         await asyncio.sleep(0)
         await self.flushing.wait()
+
+    def sub(self, subject: str) -> MemSub:
+        """The subscription to exactly ``subject``."""
+        (found,) = [s for s in self.subs.values() if s.subject == subject]
+        return found
 
     def subjects(self) -> list[str]:
         """The subjects subscribed to now."""

@@ -139,8 +139,12 @@ async def test_an_ephemeral_room_gets_only_its_presence_subscription() -> None:
 
 async def test_a_feed_reads_its_position_only_once_its_room_is_subscribed() -> None:
     g = await Gw("rooms").start()
+    g.bus.subscribing.clear()  # the subscription is slow to be made
     g.stream.pause()
     a = g.join("a", ROOM)
+    await _settle()
+    assert g.stream.reads == 0  # the feed waits for the subscription
+    g.bus.subscribing.set()
     await soon(lambda: g.stream.reads == 1, "the feed's read of the room's position")
     assert subjects.stored_room(ROOM) in g.bus.subjects()
     # Stored after the read (whose answer is what the stream held when asked): it can only
@@ -301,6 +305,37 @@ async def test_auto_switches_to_the_wildcards_and_back_losing_and_repeating_noth
     assert _count("roombus_gateway_duplicates_total") > duplicates  # dropped by seq
     assert _count("roombus_gateway_subscribe_switches_total", to="wildcard") == to_wild + 1
     assert _count("roombus_gateway_subscribe_switches_total", to="rooms") == to_rooms + 1
+
+
+@pytest.mark.parametrize("to", ["wildcard", "rooms"])
+async def test_a_switch_lets_the_old_subscriptions_hand_in_what_they_hold(to: str) -> None:
+    """A message that came only the old way (before the new subscriptions were in), still in
+    the old subscription's queue: delivered before the old way is dropped, even with no later
+    message to reveal a gap."""
+    g = await Gw("auto", auto_rooms=2).start()  # wildcards above 2 rooms, per-room at <= 1
+    a = await g.member("a", "r0")
+    others = [await g.member("b", "r1")]
+    if to == "rooms":
+        others.append(await g.member("c", "r2"))
+        await soon(lambda: not g.interest.rooms, "the wildcards alone")
+    old = g.bus.sub(
+        subjects.stored_room("r0") if to == "wildcard" else subjects.STORED_ROOM_WILDCARD
+    )
+    old.running.clear()  # its task is behind
+    if to == "wildcard":
+        others.append(g.join("c", "r2"))
+    else:
+        for c in others:
+            g.leave(c)
+    assert g.interest.mode == to
+    assert g.say("r0", "only the old way") == 1
+    await soon(lambda: len(g.bus.subscribed) > 4, "the new way subscribed")
+    await _settle()
+    assert old.sid in g.bus.subs  # not dropped while it holds a message
+    old.running.set()
+    await soon(lambda: old.sid not in g.bus.subs, "the old way dropped")
+    await soon(lambda: a.texts() == ["only the old way"], "the message")
+    a.check_links(0)
 
 
 async def test_rooms_joined_while_a_switch_is_half_way_lose_nothing() -> None:
