@@ -99,7 +99,7 @@ async def _steady(g: ServiceProc, user: str, room: str) -> tuple[Client, str, in
 async def test_room_by_room_gateways_deliver_each_rooms_stream_once_through_churn(
     fresh_nats: NatsServer, services: ServiceFactory, room: str
 ) -> None:
-    """2 gateways with SUBSCRIBE=rooms and one with the wildcards; 3 senders, 6 receivers and
+    """2 gateways with SUBSCRIBE=rooms and one with the wildcards; 3 senders, 5 receivers and
     6 clients joining and leaving the 3 rooms all along; a 4th (rooms) gateway whose only
     member is in a room nobody writes to gets none of the traffic."""
     per_room = {"SUBSCRIBE": "rooms", "SUBSCRIBE_LINGER": LINGER}
@@ -110,14 +110,16 @@ async def test_room_by_room_gateways_deliver_each_rooms_stream_once_through_chur
     rooms = [f"{room}-{i}" for i in range(3)]
     lone = await Client.open(quiet.ws_url, "lone")
     await lone.join(f"{room}-quiet")
+    # Steady members: room 0 on g1, room 1 on g2, every room on the wildcard gateway; so
+    # g1's rooms 1 and 2 and g2's rooms 0 and 2 have only churning members.
     receivers = [
         await _steady(g, f"recv-{i}-{g.port}", r)
-        for i, r in enumerate(rooms)
-        for g in ((g1, g2, g1)[i], wild)
+        for g, i, r in [(g1, 0, rooms[0]), (g2, 1, rooms[1])]
+        + [(wild, i, r) for i, r in enumerate(rooms)]
     ]
     senders = []
-    for i, r in enumerate(rooms):  # each room's sender on another gateway than its receiver
-        c = await Client.open((wild, g1, g2)[i].ws_url, f"send-{i}")
+    for i, r in enumerate(rooms):
+        c = await Client.open((g1, g2, wild)[i].ws_url, f"send-{i}")
         await c.join(r)
         senders.append(Sender(c, r))
     churners = [
@@ -126,14 +128,14 @@ async def test_room_by_room_gateways_deliver_each_rooms_stream_once_through_chur
     ]
     stop = asyncio.Event()
     churning = [asyncio.create_task(ch.run(stop)) for ch in churners]
-    await asyncio.gather(*(s.run(300, pace=0.01) for s in senders))
+    await asyncio.gather(*(s.run(400, pace=0.01) for s in senders))
     stop.set()
     await asyncio.gather(*churning)
     for s in senders:
         await s.settle()
     stored = await _stored(fresh_nats.url, rooms)
     total = sum(len(v) for v in stored.values())
-    assert total == 900
+    assert total == 1200
     for c, r, start in receivers:
         want = sum(1 for m in stored[r] if int(str(m["seq"])) > start)
         await c.wait(lambda _, c=c, r=r, w=want: len(c.texts(r)) >= w, 60, "every message")
