@@ -67,7 +67,7 @@ bench: $(STAMP) ## run the benchmarks (not part of make test)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 
-bench-interest: $(STAMP) ## wildcard vs per-room subscriptions (SUBSCRIBE, issue 21; ~4 min)
+bench-interest: $(STAMP) ## wildcard vs per-room subscriptions (SUBSCRIBE, issue 21; a few minutes)
 	$(BIN)/python -m bench.interest
 
 clean: ## remove the venv and caches
