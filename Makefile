@@ -14,7 +14,7 @@ BUILD_REQS = $(PYTHON) -c "import tomllib; print('\n'.join(tomllib.load(open('py
 UV_COMPILE = $(LOCKENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
 	--generate-hashes --no-header --annotation-style line
 
-.PHONY: help up test test-fast lint fmt bench schemas clean compose-check lock
+.PHONY: help up test test-fast lint fmt bench bench-interest schemas clean compose-check lock
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ compose-check: $(STAMP) ## build and test compose.yaml on a real Docker engine (
 bench: $(STAMP) ## run the benchmarks (not part of make test)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
+
+bench-interest: $(STAMP) ## wildcard vs per-room subscriptions (SUBSCRIBE, issue 21; a few minutes)
+	$(BIN)/python -m bench.interest
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) $(LOCKENV) .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,7 @@ from .api import api_handlers
 from .auth import Authenticator
 from .budget import QueryBudget
 from .hub import Hub
+from .interest import PENDING_BYTES, PENDING_MSGS, Interest
 from .presence import PresenceReporter
 from .publisher import Publisher
 from .settings import GatewaySettings
@@ -48,6 +49,10 @@ class Gateway:
         self.stopping.on_begin(self._stop_accepting)
         self.hub = Hub(settings.replay_buffer)
         self.hub.is_ephemeral = settings.is_ephemeral
+        self.interest = Interest(
+            self.hub, settings.subscribe, settings.subscribe_linger, settings.subscribe_auto_rooms
+        )
+        self.hub.interest = self.interest
         self._reader: StreamReader | None = None
         self.epoch = ""
         """The HISTORY stream's epoch (``joined`` reports it; a recreated stream has a new one)."""
@@ -101,6 +106,8 @@ class Gateway:
             "accepting": self.accepting,
             "history_stream": bool(self.epoch),
             "storage": storage,  # said, not failed on: every gateway has the same storage
+            "subscribe": self.interest.mode,
+            "room_subscriptions": len(self.interest.rooms),
         }
         return connected and self.accepting, detail
 
@@ -119,24 +126,26 @@ class Gateway:
         )
         await reporter.start()
         self.hub.presence = reporter
-        # One wildcard per channel kind, never one subscription per client. The pending
-        # limits bound what a stalled event loop can queue up inside the client.
+        # One wildcard per channel kind, never one subscription per client; room messages and
+        # presence as SUBSCRIBE says (wildcards, or one per room with local members). The
+        # pending limits bound what a stalled event loop can queue up inside the client.
+        await self.interest.start(nc)
         for subject, callback in (
-            (subjects.STORED_ROOM_WILDCARD, self.hub.on_stored_room),
             (subjects.STORED_INBOX_WILDCARD, self.hub.on_stored_inbox),
-            (subjects.ROOM_PRESENCE_WILDCARD, self.hub.on_room_presence),
             (subjects.EVENT_WILDCARD, self.hub.on_event),
         ):
             await nc.subscribe(
                 subject,
                 cb=callback,
-                pending_msgs_limit=100_000,
-                pending_bytes_limit=64 * 1024 * 1024,
+                pending_msgs_limit=PENDING_MSGS,
+                pending_bytes_limit=PENDING_BYTES,
             )
         await nc.flush()
         sweeper = asyncio.create_task(self.hub.sweep_idle(self.settings.idle_timeout))
         watcher = asyncio.create_task(self._watch_epoch())
-        log.info("gateway ready", extra={"port": self.settings.port})
+        log.info(
+            "gateway ready", extra={"port": self.settings.port, "subscribe": self.interest.mode}
+        )
         try:
             yield
         finally:
@@ -146,6 +155,7 @@ class Gateway:
             stopping = self.stopping
             sweeper.cancel()
             watcher.cancel()
+            self.interest.stop()
             if self._tasks:  # sends waiting for their storage ack
                 await asyncio.wait(list(self._tasks), timeout=stopping.left() / 2)
             await reporter.stop(stopping.left() / 3)

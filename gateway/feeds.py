@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from proto.bus import ChatMessage, DirectMessage
 from proto.frames import encode_frame
@@ -35,6 +35,7 @@ BEHIND_MAX = 0.25
 Row = tuple[int, int, bytes]
 """(seq, prev, encoded client frame)"""
 Deliver = Callable[["Feed", int, int, bytes], None]
+BeforeRead = Callable[["Feed"], Awaitable[None]]
 
 
 def room_frame(data: bytes, seq: int, prev: int, room: str) -> bytes:
@@ -96,10 +97,15 @@ class Feed:
 class Feeds:
     """Every feed of this gateway, their live intake and their healing."""
 
-    def __init__(self, reader: Reader, deliver: Deliver, hold_max: int) -> None:
+    def __init__(
+        self, reader: Reader, deliver: Deliver, hold_max: int, before_read: BeforeRead | None = None
+    ) -> None:
         self.reader = reader
         self.deliver = deliver
         self.hold_max = hold_max
+        self.before_read = before_read
+        """Awaited before a feed reads where it starts: until the subscription that brings
+        its live messages is sent (what is stored after the read then comes live)."""
         self.feeds: dict[str, Feed] = {}
         self._badlog = RateLimitedLog(log)
 
@@ -206,6 +212,10 @@ class Feeds:
         behind = Backoff(0.005, BEHIND_MAX)
         while True:
             if feed.last is None:
+                if self.before_read is not None:
+                    await self.before_read(feed)
+                    if feed.closed:
+                        return
                 feed.last = await self.reader.last(feed.subject)
             else:
                 rows, more = await self.reader.after(feed.subject, feed.last, HEAL_BATCH)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -22,8 +23,12 @@ from services.streamread import Reader
 from . import metrics
 from .conn import Conn
 from .feeds import Feed, Feeds, inbox_frame, room_frame
+from .interest import PENDING_BYTES, PENDING_MSGS
 from .presence import PresenceReporter
 from .wire import text_frame
+
+if TYPE_CHECKING:
+    from .interest import Interest
 
 log = logging.getLogger("roombus.gateway.hub")
 
@@ -31,9 +36,11 @@ log = logging.getLogger("roombus.gateway.hub")
 class Hub:
     """Which local connections are in which room, and delivery to them.
 
-    The gateway holds one wildcard subscription per channel kind (and one per ephemeral
-    room with local members); every bus message is parsed and encoded once, then offered
-    to each local member. Stored messages go through a :class:`Feed` per room / inbox.
+    The gateway holds one wildcard subscription per channel kind — or, for stored room
+    messages and room presence, one per room with local members (:class:`Interest`) — and
+    one per ephemeral room with local members; every bus message is parsed and encoded once,
+    then offered to each local member. Stored messages go through a :class:`Feed` per room /
+    inbox.
     """
 
     def __init__(self, replay_buffer: int = 10_000) -> None:
@@ -46,6 +53,8 @@ class Hub:
         self.users: dict[str, set[Conn]] = {}
         self.events: dict[str, set[Conn]] = {}
         self.feeds: Feeds | None = None
+        self.interest: Interest | None = None
+        """Which rooms' traffic reaches this gateway (None: every room's, as in tests)."""
         self.ephemeral: dict[str, Subscription | None] = {}
         """Ephemeral rooms with local members, and their raw-publish subscription."""
         self.is_ephemeral: Callable[[str], bool] = lambda room: False
@@ -54,14 +63,24 @@ class Hub:
         )
 
     def start_feeds(self, reader: Reader) -> Feeds:
-        self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer)
+        self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer, self._subscribed)
         return self.feeds
+
+    async def _subscribed(self, feed: Feed) -> None:
+        """A room's feed reads its position once its room's messages reach this gateway."""
+        if self.interest is not None and feed.subject[0] == "h":  # not a user's inbox
+            await self.interest.wait(feed.name)
 
     async def subscribe_ephemeral(self, nc: NATS, room: str) -> None:
         """The raw-publish subscription of an ephemeral room with local members (one per room)."""
         if room not in self.ephemeral or self.ephemeral[room] is not None:
             return
-        sub = await nc.subscribe(subjects.room_message(room), cb=self.on_ephemeral)
+        sub = await nc.subscribe(
+            subjects.room_message(room),
+            cb=self.on_ephemeral,
+            pending_msgs_limit=PENDING_MSGS,
+            pending_bytes_limit=PENDING_BYTES,
+        )
         if room in self.ephemeral and self.ephemeral[room] is None:
             self.ephemeral[room] = sub
         else:  # left meanwhile, or another join subscribed first
@@ -127,6 +146,8 @@ class Hub:
         members = self.rooms.setdefault(room, set())
         members.add(conn)
         if len(members) == 1:
+            if self.interest is not None:
+                self.interest.want(room)
             if self.is_ephemeral(room):
                 self.ephemeral.setdefault(room, None)
             elif self.feeds is not None:
@@ -152,6 +173,8 @@ class Hub:
                 del self.rooms[room]
                 if self.feeds is not None:
                     self.feeds.close(subjects.history(room))
+                if self.interest is not None:
+                    self.interest.unwant(room)
                 if room in self.ephemeral:
                     sub = self.ephemeral.pop(room)
                     if sub is not None:
@@ -254,7 +277,8 @@ class Hub:
         metrics.FANOUT_SECONDS.observe(time.perf_counter() - start)
 
     async def on_stored_room(self, msg: Msg) -> None:
-        """Callback of ``stored.history.*``: stored room messages, in stream order."""
+        """Callback of ``stored.history.*`` (or one room's ``stored.history.<room>``): stored
+        room messages, in stream order."""
         metrics.BUS_IN_ROOM_MESSAGE.inc()
         self._stored(msg, "room_message")
 
@@ -294,11 +318,14 @@ class Hub:
         metrics.DELIVERED.inc(n)
 
     async def on_room_presence(self, msg: Msg) -> None:
-        """Callback of the ``room.*.presence`` wildcard: join/leave/typing to local members."""
+        """Callback of ``room.*.presence`` (or one room's ``room.<room>.presence``):
+        join/leave/typing to local members."""
         metrics.BUS_IN.labels("room_presence").inc()
         room = subjects.parse_room_presence(msg.subject)
         if room is None or room not in self.rooms:
             return
+        if self.interest is not None and self.interest.repeated(msg.subject, msg.data):
+            return  # a switch of subscriptions brought it both ways
         try:
             event = PresenceEvent.model_validate_json(msg.data)
             if event.room != room:

@@ -12,6 +12,22 @@ CONNECTIONS_TOTAL = Counter(
 )
 REFUSED = Counter("roombus_gateway_refused_total", "Refused connection attempts", ["reason"])
 ROOMS = Gauge("roombus_gateway_rooms", "Rooms with at least one local member")
+SUBSCRIBE_MODE = Gauge(
+    "roombus_gateway_subscribe_mode",
+    "1 on how room traffic reaches this gateway now: wildcard or rooms (SUBSCRIBE)",
+    ["mode"],
+)
+ROOM_SUBSCRIPTIONS = Gauge(
+    "roombus_gateway_room_subscriptions",
+    "Rooms subscribed to one by one (SUBSCRIBE=rooms or auto), lingering ones included",
+)
+ROOM_SUBSCRIBES = Counter(
+    "roombus_gateway_room_subscribes_total",
+    "Rooms subscribed to one by one: first local joins not caught by a linger",
+)
+SUBSCRIBE_SWITCHES = Counter(
+    "roombus_gateway_subscribe_switches_total", "SUBSCRIBE=auto switches", ["to"]
+)
 FRAMES_IN = Counter("roombus_gateway_frames_in_total", "Client frames received", ["type"])
 CLIENT_ERRORS = Counter("roombus_gateway_client_errors_total", "Error frames sent", ["code"])
 PUBLISHED = Counter("roombus_gateway_published_total", "Messages published to the bus", ["kind"])
@@ -30,7 +46,8 @@ ACK_SECONDS = Histogram(
 )
 REPLAYED = Counter("roombus_gateway_replayed_total", "Stored messages replayed on join")
 DUPLICATES = Counter(
-    "roombus_gateway_duplicates_total", "Republished messages already delivered by a heal"
+    "roombus_gateway_duplicates_total",
+    "Republished messages already delivered (by a heal, or the other way during a switch)",
 )
 GAPS = Counter("roombus_gateway_gaps_total", "Gaps in a room's or inbox's sequence (prev mismatch)")
 READ_BEHIND = Counter(

@@ -122,6 +122,19 @@ class GatewaySettings(ServiceSettings):
     the cluster's size as the server reports it), never lowering an existing bucket's)."""
     typing_interval: float = Field(default=1.0, ge=0.1, le=60)
     """Seconds between two ``typing`` signals a connection may send for one room."""
+    subscribe: Literal["wildcard", "rooms", "auto"] = "wildcard"
+    """How the gateway subscribes to stored room messages and room presence. ``wildcard``: two
+    wildcards, every room's traffic reaches every gateway. ``rooms``: one subscription per room
+    with local members (made at its first local join, dropped ``SUBSCRIBE_LINGER`` s after its
+    last local leave), so a gateway receives only its rooms' traffic. ``auto``: ``rooms`` while
+    this gateway has at most ``SUBSCRIBE_AUTO_ROOMS`` rooms with local members, ``wildcard`` above
+    that, ``rooms`` again once at or below 80% of it. DMs and events always use wildcards."""
+    subscribe_linger: float = Field(default=5.0, ge=0, le=3600)
+    """Seconds a room's own subscriptions outlive its last local member (``SUBSCRIBE=rooms`` or
+    ``auto``): a rejoin within them subscribes nothing again."""
+    subscribe_auto_rooms: int = Field(default=1000, ge=1, le=1_000_000)
+    """``SUBSCRIBE=auto``: the most rooms with local members served by per-room subscriptions;
+    above it the gateway switches to the wildcards (back at or below 80% of it)."""
 
     @model_validator(mode="after")
     def _auth_keys(self) -> GatewaySettings:

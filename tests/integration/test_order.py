@@ -101,17 +101,18 @@ async def test_every_receiver_sees_the_stream_order_each_message_once(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("subscribe", ["wildcard", "rooms"])
 @pytest.mark.parametrize("fault", ["nats_sigterm", "nats_kill_9", "gateway_cut_5s"])
 async def test_a_broker_blip_leaves_every_open_socket_with_every_message_once_in_order(
-    fresh_nats: NatsServer, services: ServiceFactory, room: str, fault: str
+    fresh_nats: NatsServer, services: ServiceFactory, room: str, fault: str, subscribe: str
 ) -> None:
     proxy = await TcpProxy(fresh_nats.port).start()
     try:
         services("history", fresh_nats)
         services("history", fresh_nats)
-        g_direct = services("gateway", fresh_nats)
+        g_direct = services("gateway", fresh_nats, SUBSCRIBE=subscribe)
         # The proxy runs in this event loop: wait for the gateway without blocking it.
-        g_cut = services("gateway", proxy.url, history=False, wait=False)
+        g_cut = services("gateway", proxy.url, history=False, wait=False, SUBSCRIBE=subscribe)
         deadline = time.monotonic() + 30
         while not g_cut.ready():
             assert time.monotonic() < deadline, g_cut.log()
