@@ -21,7 +21,7 @@ from services.streamread import Reader
 
 from . import metrics
 from .conn import Conn
-from .feeds import Feed, Feeds, inbox_frame, room_frame
+from .feeds import Feed, Feeds, Route, inbox_frame, room_frame
 from .presence import PresenceReporter
 from .wire import text_frame
 
@@ -53,8 +53,10 @@ class Hub:
             RateLimitedLog(log), lambda kind: metrics.BUS_MALFORMED.labels(kind).inc()
         )
 
-    def start_feeds(self, reader: Reader) -> Feeds:
-        self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer)
+    def start_feeds(self, reader: Reader, route: Route | None = None) -> Feeds:
+        """Feeds read from ``reader``, or from where ``route`` says each key is stored
+        (one reader per history shard)."""
+        self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer, route)
         return self.feeds
 
     async def subscribe_ephemeral(self, nc: NATS, room: str) -> None:
@@ -71,12 +73,13 @@ class Hub:
         if self.feeds is not None:
             self.feeds.heal_all()
 
-    def reset_epoch(self, epoch: str) -> None:
-        """The stream was recreated: every room starts again at its new position, and its
-        members are told (``joined`` with ``recovered: false``, reason ``epoch``)."""
+    def reset_epoch(self, epoch: str, reader: Reader | None = None) -> None:
+        """The stream (``reader``'s; None: every one) was recreated: each of its rooms starts
+        again at its new position, and their members are told (``joined`` with
+        ``recovered: false``, reason ``epoch``)."""
         if self.feeds is None:
             return
-        for feed in self.feeds.reset_all():
+        for feed in self.feeds.reset_all(reader):
             if feed.subject.startswith("history."):
                 asyncio.get_running_loop().create_task(self._announce_epoch(feed, epoch))
 
