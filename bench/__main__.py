@@ -48,7 +48,9 @@ def rss_kib(pid: int) -> int:
 
 
 class Server:
-    def __init__(self, kind: str, nats_url: str, logdir: Path) -> None:
+    def __init__(
+        self, kind: str, nats_url: str, logdir: Path, extra: dict[str, str] | None = None
+    ) -> None:
         self.kind, self.port = kind, free_port()
         env = {
             **os.environ,
@@ -60,6 +62,7 @@ class Server:
             "MAX_PENDING_PER_IP": "20000",
             "RATE_LIMIT": "100000",
             "RATE_BURST": "100000",
+            **(extra or {}),
         }
         if kind == "fanout":
             # roombus as a pure fan-out: ephemeral rooms, no history service, acked at once.

@@ -21,7 +21,8 @@ from proto.names import sanitize_user
 from services.bus import Bus, connect
 from services.http import health_handlers
 from services.lifecycle import Shutdown
-from services.streamread import Reader, ReadError, StreamReader
+from services.shards import present_streams
+from services.streamread import StreamReader
 
 from .api import api_handlers
 from .auth import Authenticator
@@ -31,13 +32,11 @@ from .interest import PENDING_BYTES, PENDING_MSGS, Interest
 from .presence import PresenceReporter
 from .publisher import Publisher
 from .settings import GatewaySettings
+from .shards import Shards
 from .sse import SseConn, sse_handler
 from .ws import serve_ws
 
 log = logging.getLogger("roombus.gateway")
-
-EPOCH_CHECK = 5.0
-"""Seconds between two checks that the HISTORY stream is still the same one."""
 
 
 class Gateway:
@@ -53,9 +52,7 @@ class Gateway:
             self.hub, settings.subscribe, settings.subscribe_linger, settings.subscribe_auto_rooms
         )
         self.hub.interest = self.interest
-        self._reader: StreamReader | None = None
-        self.epoch = ""
-        """The HISTORY stream's epoch (``joined`` reports it; a recreated stream has a new one)."""
+        self._shards: Shards | None = None
         self.auth = Authenticator(settings)
         self.per_ip: dict[str, int] = {}
         self.queries = QueryBudget(settings.history_rate, settings.history_burst)
@@ -87,10 +84,11 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     @property
-    def reader(self) -> Reader:
-        if self._reader is None:
+    def shards(self) -> Shards:
+        """The history streams (one per shard) and where each room is read from."""
+        if self._shards is None:
             raise RuntimeError("gateway is not connected to NATS yet")
-        return self._reader
+        return self._shards
 
     @property
     def publisher(self) -> Publisher:
@@ -101,25 +99,29 @@ class Gateway:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = self._bus is not None and self._bus.connected
         storage = self._publisher is not None and self._publisher.storage_up
+        shards = self._shards
+        # Streams of another HISTORY_SHARDS would be misread: not ready, and why.
+        problem = shards.problem if shards is not None else None
         detail = {
             "nats": connected,
             "accepting": self.accepting,
-            "history_stream": bool(self.epoch),
+            "history_stream": shards is not None and shards.known,
+            "history_shards": self.settings.history_shards,
             "storage": storage,  # said, not failed on: every gateway has the same storage
             "subscribe": self.interest.mode,
             "room_subscriptions": len(self.interest.rooms),
+            **({"history_layout": problem} if problem else {}),
         }
-        return connected and self.accepting, detail
+        return connected and self.accepting and problem is None, detail
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         self._bus = await connect(self.settings, "gateway")
         nc = self._bus.nc
         self._publisher = Publisher(self._bus, self.settings)
-        self._reader = StreamReader(nc, subjects.HISTORY_STREAM, self.settings.request_timeout)
-        await self._reader.start()
-        self.hub.start_feeds(self._reader)
-        await self._check_epoch()
+        self._shards = shards = await self._open_shards()
+        self.hub.start_feeds(shards.all[0].reader, shards.route)
+        await shards.check(self.hub.reset_epoch)
         self._bus.on_reconnect.append(self._reconnected)
         reporter = PresenceReporter(
             self._bus, self.gateway_id, self.settings.presence_ttl, self.settings.presence_replicas
@@ -142,7 +144,7 @@ class Gateway:
             )
         await nc.flush()
         sweeper = asyncio.create_task(self.hub.sweep_idle(self.settings.idle_timeout))
-        watcher = asyncio.create_task(self._watch_epoch())
+        watcher = asyncio.create_task(shards.watch(self.hub.reset_epoch))
         log.info(
             "gateway ready", extra={"port": self.settings.port, "subscribe": self.interest.mode}
         )
@@ -169,28 +171,20 @@ class Gateway:
         for conn in [c for c in self.hub.conns if isinstance(c, SseConn)]:
             conn.shut(CloseCode.SERVICE_RESTART)
 
-    # -- the stream ---------------------------------------------------------------------
+    # -- the streams --------------------------------------------------------------------
+    async def _open_shards(self) -> Shards:
+        """A reader per history stream (shard) of the configured layout."""
+        nc, layout = self.bus.nc, self.settings.layout
+        readers = [StreamReader(nc, s, self.settings.request_timeout) for s in layout.streams()]
+        for reader in readers:
+            await reader.start()
+        js = nc.jetstream(timeout=self.settings.request_timeout)
+        return Shards(layout, readers, lambda: present_streams(js))
+
     def _reconnected(self) -> None:
         """Back on NATS: every feed reads what was stored while we were away."""
         self.hub.feeds_heal()
-        self.spawn(self._check_epoch(), "epoch-check")
-
-    async def _watch_epoch(self) -> None:
-        while True:
-            # Quickly while the stream is not there yet (the history service creates it).
-            await asyncio.sleep(EPOCH_CHECK if self.epoch else 0.25)
-            await self._check_epoch()
-
-    async def _check_epoch(self) -> None:
-        try:
-            epoch = (await self.reader.state()).epoch
-        except ReadError:
-            return
-        if epoch != self.epoch:
-            if self.epoch:
-                log.warning("HISTORY was recreated: rooms restart", extra={"epoch": epoch})
-                self.hub.reset_epoch(epoch)
-            self.epoch = epoch
+        self.spawn(self.shards.check(self.hub.reset_epoch), "epoch-check")
 
     # -- admission --------------------------------------------------------------------
     def origin_allowed(self, origin: str | None) -> bool:

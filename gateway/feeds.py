@@ -1,12 +1,13 @@
 """One ordered feed per room (and per user inbox) with local members: the stream's order,
 each message once, gaps healed from the stream without a reconnect.
 
-Stored messages arrive republished by the HISTORY stream with their ``seq`` and ``prev`` (the
-previous sequence on the same subject). A feed remembers the last ``seq`` it delivered. A
-message whose ``prev`` is not that ``seq`` means something was missed (a NATS blip, a slow
-subscription, a reconnect): the feed reads the missing range from the stream and delivers it,
-in order, before anything newer. Live messages that arrive meanwhile are held (bounded); when
-the bound is hit they are dropped and read from the stream instead, never lost.
+Stored messages arrive republished by the history stream (the room's shard's) with their
+``seq`` and ``prev`` (the previous sequence on the same subject). A feed remembers the last
+``seq`` it delivered. A message whose ``prev`` is not that ``seq`` means something was missed
+(a NATS blip, a slow subscription, a reconnect): the feed reads the missing range from the
+stream and delivers it, in order, before anything newer. Live messages that arrive meanwhile
+are held (bounded); when the bound is hit they are dropped and read from the stream instead,
+never lost.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ Row = tuple[int, int, bytes]
 """(seq, prev, encoded client frame)"""
 Deliver = Callable[["Feed", int, int, bytes], None]
 BeforeRead = Callable[["Feed"], Awaitable[None]]
+Route = Callable[[str], tuple[Reader, str]]
+"""A feed's key (``history.<room>`` / ``inbox.<user>``) -> (the reader of the stream it is
+stored in, its subject there): with history shards, each room's own shard."""
 
 
 def room_frame(data: bytes, seq: int, prev: int, room: str) -> bytes:
@@ -74,10 +78,17 @@ class Feed:
         "ready",
         "closed",
         "task",
+        "reader",
+        "source",
     )
 
     def __init__(
-        self, name: str, subject: str, frame: Callable[[bytes, int, int, str], bytes]
+        self,
+        name: str,
+        subject: str,
+        frame: Callable[[bytes, int, int, str], bytes],
+        reader: Reader,
+        source: str,
     ) -> None:
         self.name = name
         """The room (or user) this feed serves."""
@@ -92,15 +103,26 @@ class Feed:
         self.ready = asyncio.Event()
         self.closed = False
         self.task: asyncio.Task[None] | None = None
+        self.reader = reader
+        """The stream it reads from (with history shards, the room's shard's)."""
+        self.source = source
+        """The subject it reads there (``subject`` is the republished one less ``stored.``;
+        the same with one history stream)."""
 
 
 class Feeds:
     """Every feed of this gateway, their live intake and their healing."""
 
     def __init__(
-        self, reader: Reader, deliver: Deliver, hold_max: int, before_read: BeforeRead | None = None
+        self,
+        reader: Reader,
+        deliver: Deliver,
+        hold_max: int,
+        route: Route | None = None,
+        before_read: BeforeRead | None = None,
     ) -> None:
         self.reader = reader
+        self.route = route
         self.deliver = deliver
         self.hold_max = hold_max
         self.before_read = before_read
@@ -116,7 +138,10 @@ class Feeds:
         """The feed ``key``, started (its position read from the stream) when new."""
         feed = self.feeds.get(key)
         if feed is None:
-            feed = self.feeds[key] = Feed(name, subject, frame)
+            reader, source = (
+                self.route(subject) if self.route is not None else (self.reader, subject)
+            )
+            feed = self.feeds[key] = Feed(name, subject, frame, reader, source)
             self._heal(feed)
         return feed
 
@@ -134,9 +159,10 @@ class Feeds:
                 feed.busy = True
                 self._heal(feed)
 
-    def reset_all(self) -> list[Feed]:
-        """The stream was recreated (new epoch): every feed starts again at its new end."""
-        feeds = list(self.feeds.values())
+    def reset_all(self, reader: Reader | None = None) -> list[Feed]:
+        """The stream (``reader``'s; None: every one) was recreated (new epoch): each feed
+        reading it starts again at its new end."""
+        feeds = [f for f in self.feeds.values() if reader is None or f.reader is reader]
         for feed in feeds:
             if feed.task is not None:
                 feed.task.cancel()
@@ -210,15 +236,16 @@ class Feeds:
 
     async def _catch_up(self, feed: Feed) -> None:
         behind = Backoff(0.005, BEHIND_MAX)
+        reader = feed.reader
         while True:
             if feed.last is None:
                 if self.before_read is not None:
                     await self.before_read(feed)
                     if feed.closed:
                         return
-                feed.last = await self.reader.last(feed.subject)
+                feed.last = await reader.last(feed.source)
             else:
-                rows, more = await self.reader.after(feed.subject, feed.last, HEAL_BATCH)
+                rows, more = await reader.after(feed.source, feed.last, HEAL_BATCH)
                 if feed.closed:
                     return
                 prev = feed.last
@@ -238,7 +265,7 @@ class Feeds:
             accept = 0
             first = min((r for r in feed.held if r[0] > feed.last), default=None)
             if first is not None and first[1] > feed.last:
-                if await self.reader.get(first[1]) is not None:
+                if await reader.get(first[1]) is not None:
                     metrics.READ_BEHIND.inc()
                     await asyncio.sleep(behind.next())
                     continue

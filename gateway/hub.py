@@ -22,7 +22,7 @@ from services.streamread import Reader
 
 from . import metrics
 from .conn import Conn
-from .feeds import Feed, Feeds, inbox_frame, room_frame
+from .feeds import Feed, Feeds, Route, inbox_frame, room_frame
 from .interest import PENDING_BYTES, PENDING_MSGS
 from .presence import PresenceReporter
 from .wire import text_frame
@@ -62,8 +62,12 @@ class Hub:
             RateLimitedLog(log), lambda kind: metrics.BUS_MALFORMED.labels(kind).inc()
         )
 
-    def start_feeds(self, reader: Reader) -> Feeds:
-        self.feeds = Feeds(reader, self._deliver_stored, self.replay_buffer, self._subscribed)
+    def start_feeds(self, reader: Reader, route: Route | None = None) -> Feeds:
+        """Feeds read from ``reader``, or from where ``route`` says each key is stored
+        (one reader per history shard)."""
+        self.feeds = Feeds(
+            reader, self._deliver_stored, self.replay_buffer, route, self._subscribed
+        )
         return self.feeds
 
     async def _subscribed(self, feed: Feed) -> None:
@@ -90,12 +94,13 @@ class Hub:
         if self.feeds is not None:
             self.feeds.heal_all()
 
-    def reset_epoch(self, epoch: str) -> None:
-        """The stream was recreated: every room starts again at its new position, and its
-        members are told (``joined`` with ``recovered: false``, reason ``epoch``)."""
+    def reset_epoch(self, epoch: str, reader: Reader | None = None) -> None:
+        """The stream (``reader``'s; None: every one) was recreated: each of its rooms starts
+        again at its new position, and their members are told (``joined`` with
+        ``recovered: false``, reason ``epoch``)."""
         if self.feeds is None:
             return
-        for feed in self.feeds.reset_all():
+        for feed in self.feeds.reset_all(reader):
             if feed.subject.startswith("history."):
                 asyncio.get_running_loop().create_task(self._announce_epoch(feed, epoch))
 

@@ -18,6 +18,7 @@ from .feeds import BEHIND_MAX, room_frame
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .shards import Shard
 
 REPLAY_PAGE = 500
 ROUNDS_MAX = 100
@@ -53,12 +54,13 @@ async def join_stored(
     elif since is not None:
         conn.catching[key] = Catch(gw.settings.replay_buffer, gw.settings.send_buffer_bytes * 4)
     gw.hub.join(conn, room)
+    shard, stored_on = gw.shards.room(room)  # the room's seq and epoch are its shard's
     try:
         position = await _ready(gw, conn, room)
-        fields: dict[str, object] = {"epoch": gw.epoch, "seq": position}
+        fields: dict[str, object] = {"epoch": shard.epoch, "seq": position}
         if since is None:
             return fields
-        reason, missed = await _check_since(gw, key, since, epoch)
+        reason, missed = await _check_since(gw, shard, stored_on, since, epoch)
     except ReadError:
         conn.catching.pop(key, None)
         gw.hub.leave(conn, room)
@@ -79,11 +81,12 @@ async def join_stored(
 
 
 async def _check_since(
-    gw: Gateway, key: str, since: int, epoch: str | None
+    gw: Gateway, shard: Shard, key: str, since: int, epoch: str | None
 ) -> tuple[str | None, int | None]:
-    """(reason it cannot be recovered or None, how many were missed when known)."""
-    reader = gw.reader
-    if epoch is not None and epoch != gw.epoch:
+    """(reason it cannot be recovered or None, how many were missed when known); ``key`` is
+    the room's subject in ``shard``'s stream."""
+    reader = shard.reader
+    if epoch is not None and epoch != shard.epoch:
         return "epoch", None
     if since == 0:
         count = await reader.count_from(key, 1)
@@ -114,7 +117,8 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
     are read from the stream again: the client never sees a gap or a message twice.
     """
     key = subjects.history(room)
-    reader = gw.reader
+    shard, stored_on = gw.shards.room(room)
+    reader = shard.reader
     cursor = since
     behind = Backoff(0.005, BEHIND_MAX)
     try:
@@ -122,7 +126,7 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
             catch = conn.catching.get(key)
             if catch is None or conn.is_closed:
                 return  # left the room or went away meanwhile
-            rows, more = await reader.after(key, cursor, REPLAY_PAGE)
+            rows, more = await reader.after(stored_on, cursor, REPLAY_PAGE)
             for row in rows:
                 try:
                     frame = room_frame(row.data, row.seq, cursor, room)

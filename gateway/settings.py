@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from services import extras
-from services.settings import ServiceSettings
+from services.settings import HistoryStreamsSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(HistoryStreamsSettings):
     """Settings of ``roombus gateway``."""
 
     port: int = Field(default=8080, ge=0, le=65535)

@@ -20,11 +20,13 @@ from proto import subjects
 from proto.bus import ChatMessage, DirectMessage, parse_bus_direct, stamp_bus_chat
 from proto.errors import ErrorCode
 from proto.redis import ORIGIN_HEADER
+from proto.shards import INBOX_SHARD
 from proto.svc import PAGE_BYTES_MAX, HistoryPage, HistoryQuery, InboxQuery, StoreAck, service_error
 from services.bus import Bus, connect
 from services.jetstream import note_storage_refusal
 from services.lifecycle import Shutdown
 from services.logs import Malformed, RateLimitedLog
+from services.shards import LayoutError
 from services.streamread import Stored, StreamReader
 
 from . import metrics
@@ -74,7 +76,9 @@ class HistoryService:
         self._bus: Bus | None = None
         self.store: Store | None = None
         self.window: Window | None = None
-        self.reader: StreamReader | None = None
+        self.layout = settings.layout
+        self.readers: list[StreamReader] = []
+        """One per history stream (shard), by shard."""
         self._slots = asyncio.Semaphore(settings.history_inflight)
         self._query_slots = asyncio.Semaphore(settings.history_query_concurrency)
         self._query_waiting = 0
@@ -92,12 +96,17 @@ class HistoryService:
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         self._bus = bus = await connect(self.settings, "history")
         store = Store(bus.js, self.settings)
-        await store.provision()
+        try:
+            await store.provision()
+        except LayoutError as exc:  # one clear line before uvicorn's traceback
+            log.error("refusing to start: HISTORY_SHARDS", extra={"problem": str(exc)})
+            raise
         self.window = window = Window(bus.nc, self.settings.history_store_timeout)
         await window.start()
         self.store = store
-        self.reader = StreamReader(bus.nc, subjects.HISTORY_STREAM)
-        await self.reader.start()
+        self.readers = [StreamReader(bus.nc, stream) for stream in self.layout.streams()]
+        for reader in self.readers:
+            await reader.start()
         for subject, cb in (
             (subjects.ROOM_MESSAGE_WILDCARD, self.on_message),
             (subjects.USER_MESSAGE_WILDCARD, self.on_direct),
@@ -120,7 +129,10 @@ class HistoryService:
             cb=self._query(self.answer_inbox),
         )
         await bus.nc.flush()
-        log.info("history ready", extra={"replicas": self.settings.history_replicas})
+        log.info(
+            "history ready",
+            extra={"replicas": self.settings.history_replicas, "shards": self.layout.shards},
+        )
         try:
             yield
         finally:
@@ -155,7 +167,8 @@ class HistoryService:
         # (republished) copy, so the bridge never sends it back to Redis.
         origin = headers.get(ORIGIN_HEADER)
         extra = {ORIGIN_HEADER: origin} if origin else None
-        await self._window_store(chat.id, subjects.history(room), key, payload, msg.reply, extra)
+        shard, subject = self.layout.place(room)
+        await self._window_store(chat.id, shard, subject, key, payload, msg.reply, extra)
 
     async def on_direct(self, msg: Msg) -> None:
         """A direct message: one stored copy in the inbox of each party, the sender's first."""
@@ -173,13 +186,14 @@ class HistoryService:
         parties = [dm.sender] if dm.sender != "system" else []
         parties += [dm.to] if dm.to not in parties else []
         copies: list[Copy] = [
-            (subjects.inbox(u), f"{key}:{u}" if key else None, payload) for u in parties
+            (self.layout.inbox_subject(u), f"{key}:{u}" if key else None, payload) for u in parties
         ]
         await self._spawn_store(dm.id, copies, msg.reply)
 
     async def _window_store(
         self,
         msg_id: str,
+        shard: int,
         subject: str,
         key: str | None,
         payload: bytes,
@@ -197,9 +211,9 @@ class HistoryService:
             self._slots.release()
             metrics.INFLIGHT.dec()
             if exc is not None:
-                await self._failed(msg_id, reply, exc)
+                await self._failed(msg_id, reply, exc, shard)
             elif duplicate:  # a retry: acked with the original's id, read from the stream
-                task = asyncio.create_task(self._ack_duplicate(msg_id, seq, reply))
+                task = asyncio.create_task(self._ack_duplicate(msg_id, shard, seq, reply))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:
@@ -207,11 +221,11 @@ class HistoryService:
 
         await self.window.publish(subject, payload, headers, done)
 
-    async def _ack_duplicate(self, msg_id: str, seq: int, reply: str) -> None:
+    async def _ack_duplicate(self, msg_id: str, shard: int, seq: int, reply: str) -> None:
         try:
-            msg_id = await self._original_id(seq) or msg_id
+            msg_id = await self._original_id(shard, seq) or msg_id
         except Exception as exc:
-            await self._failed(msg_id, reply, exc)
+            await self._failed(msg_id, reply, exc, shard)
             return
         await self._ack(msg_id, seq, True, reply)
 
@@ -223,11 +237,11 @@ class HistoryService:
             with contextlib.suppress(Exception):
                 await self._bus.nc.publish(reply, orjson.dumps(ack.model_dump()))
 
-    async def _failed(self, msg_id: str, reply: str, exc: BaseException) -> None:
+    async def _failed(self, msg_id: str, reply: str, exc: BaseException, shard: int) -> None:
         assert self._bus is not None
         metrics.STORE_FAILED.inc()
         if isinstance(exc, APIError):
-            if not note_storage_refusal(subjects.HISTORY_STREAM, exc):
+            if not note_storage_refusal(self.layout.stream(shard), exc):
                 # Transient (e.g. "duplicate message id is in process" while a cluster
                 # elects): no answer, the sender retries with the same Nats-Msg-Id.
                 self._badlog.warning("store_retry", "store not done", error=repr(exc)[:200])
@@ -263,23 +277,23 @@ class HistoryService:
             results = await asyncio.gather(*(store.append(s, i, p, extra) for s, i, p in copies))
             seq, duplicate = results[0][0], all(d for _, d in results)
             if duplicate:
-                msg_id = await self._original_id(seq) or msg_id
+                msg_id = await self._original_id(INBOX_SHARD, seq) or msg_id
         except Exception as exc:
-            await self._failed(msg_id, reply, exc)
+            await self._failed(msg_id, reply, exc, INBOX_SHARD)
             return
         finally:
             self._slots.release()
             metrics.INFLIGHT.dec()
         await self._ack(msg_id, seq, duplicate, reply)
 
-    async def _original_id(self, seq: int) -> str | None:
-        """The id of the message stored at ``seq`` (a retry is acked with the original's id).
+    async def _original_id(self, shard: int, seq: int) -> str | None:
+        """The id of the message stored at ``seq`` in ``shard``'s stream (a retry is acked
+        with the original's id).
 
         Read from the stream's leader: the PubAck that named ``seq`` came from it, and a
         replica may not have the message yet (a direct read there would miss it and the
         retry would be acked under an id nothing was stored with)."""
-        assert self.reader is not None
-        found = await self.reader.get(seq)
+        found = await self.readers[shard].get(seq)
         if found is None:
             return None
         try:
@@ -346,14 +360,14 @@ class HistoryService:
                 await msg.respond(orjson.dumps(body))
 
     async def _page(
-        self, subject: str, before: int | None, after: int | None, limit: int
+        self, shard: int, subject: str, before: int | None, after: int | None, limit: int
     ) -> tuple[list[tuple[int, int, bytes]], bool]:
-        assert self.reader is not None
+        reader = self.readers[shard]
         budget = PAGE_BYTES_MAX - 4096  # room for the envelope
         if after is not None:
-            raw, has_more = await self.reader.after(subject, after, limit, budget)
+            raw, has_more = await reader.after(subject, after, limit, budget)
             return with_cursors(raw, after), has_more
-        raw, prev, has_more = await self.reader.before(subject, before, limit, budget)
+        raw, prev, has_more = await reader.before(subject, before, limit, budget)
         return with_cursors(raw, prev), has_more
 
     async def answer_room(self, subject: str, data: bytes) -> dict[str, Any]:
@@ -361,9 +375,8 @@ class HistoryService:
         query = HistoryQuery.model_validate_json(data)
         if room is None or query.room != room:
             raise ValueError("subject room and query room differ")
-        rows, has_more = await self._page(
-            subjects.history(room), query.before, query.after, query.limit
-        )
+        shard, stored_on = self.layout.place(room)
+        rows, has_more = await self._page(shard, stored_on, query.before, query.after, query.limit)
         msgs = _validated(rows, ChatMessage)
         metrics.QUERIES.labels("after" if query.after is not None else "before", "ok").inc()
         page = HistoryPage(room=room, messages=msgs, has_more=has_more)
@@ -376,7 +389,7 @@ class HistoryService:
         if user is None or query.user != user:
             raise ValueError("subject user and query user differ")
         rows, has_more = await self._page(
-            subjects.inbox(user), query.before, query.after, query.limit
+            INBOX_SHARD, self.layout.inbox_subject(user), query.before, query.after, query.limit
         )
         dms = [dm.wire() for dm in _validated(rows, DirectMessage)]
         metrics.QUERIES.labels("inbox", "ok").inc()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from services.settings import ServiceSettings
+from services.settings import HistoryStreamsSettings
 
 
-class HistorySettings(ServiceSettings):
+class HistorySettings(HistoryStreamsSettings):
     """Settings of ``roombus history``."""
 
     port: int = Field(default=8090, ge=0, le=65535)
@@ -17,11 +17,12 @@ class HistorySettings(ServiceSettings):
     history_max_msgs_per_room: int = Field(default=100_000, ge=-1)
     """Messages kept per room; the oldest go first (-1 = unlimited)."""
     history_max_bytes: int = Field(default=1024**3, ge=1)
-    """Bytes the whole HISTORY stream may use; the oldest messages go first. JetStream reserves
-    them: the bounds of every stream and bucket must fit in the server's max_file_store."""
+    """Bytes the history may use (with shards, each stream gets an equal part); the oldest
+    messages go first. JetStream reserves them: the bounds of every stream and bucket must fit
+    in the server's max_file_store."""
     history_replicas: int | None = Field(default=None, ge=1, le=5)
-    """JetStream replicas of HISTORY; unset: min(3, the cluster's size as the server reports
-    it), so 1 on a single server, never lowering an existing stream's."""
+    """JetStream replicas of each history stream; unset: min(3, the cluster's size as the
+    server reports it), so 1 on a single server, never lowering an existing stream's."""
     history_dedupe_window: float = Field(default=600, gt=0, le=86400)
     """The idempotency window, in seconds: a send retried with the same ``client_id`` (same
     user, same room or recipient, through any gateway) within it is stored once and acked with

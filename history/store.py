@@ -1,4 +1,4 @@
-"""The HISTORY stream: provisioning (with RePublish), storing, and reading by sequence."""
+"""The history streams (``HISTORY`` or its shards): provisioning (with RePublish) and storing."""
 
 from __future__ import annotations
 
@@ -15,44 +15,59 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError
 
-from proto import subjects
 from services.backoff import Backoff
 from services.jetstream import ensure_stream
+from services.shards import ensure_layout
 
 from .settings import HistorySettings
 
 log = logging.getLogger("roombus.history.store")
 
 
-def stream_config(settings: HistorySettings) -> StreamConfig:
-    """HISTORY: every stored message is republished on ``stored.<subject>`` once stored, with
-    its ``Nats-Sequence`` and the previous sequence on the same subject (``Nats-Last-Sequence``):
-    the one order every gateway fans out in."""
+def stream_config(settings: HistorySettings, shard: int = 0) -> StreamConfig:
+    """A history stream (``HISTORY``, or shard ``shard``'s ``HISTORY_<p>``): every stored
+    message is republished on ``stored.history.<room>`` / ``stored.inbox.<user>`` once stored,
+    with its ``Nats-Sequence`` and the previous sequence on the same subject
+    (``Nats-Last-Sequence``): the one order of each room every gateway fans out in."""
+    layout = settings.layout
+    src, dest = layout.republish(shard)
+    what = "history.<room> and inbox.<user> (direct messages)"
+    if layout.sharded:
+        what = f"shard {shard} of {layout.shards}: " + " and ".join(layout.stream_subjects(shard))
     return StreamConfig(
-        name=subjects.HISTORY_STREAM,
-        description="roombus chat history: history.<room> and inbox.<user> (direct messages)",
-        subjects=[subjects.HISTORY_WILDCARD, subjects.INBOX_WILDCARD],
+        name=layout.stream(shard),
+        description=f"roombus chat history: {what}",
+        subjects=layout.stream_subjects(shard),
         storage=StorageType.FILE,
         num_replicas=settings.history_replicas,
         max_age=settings.history_max_age,
         max_msgs_per_subject=settings.history_max_msgs_per_room,
-        max_bytes=settings.history_max_bytes,
+        # The one byte budget, split: changing the shard count does not change what
+        # JetStream reserves.
+        max_bytes=max(1, settings.history_max_bytes // layout.shards),
         discard=DiscardPolicy.OLD,
         duplicate_window=settings.history_dedupe_window,
         allow_direct=True,
-        republish=RePublish(src=subjects.REPUBLISH_SOURCE, dest=subjects.REPUBLISH_DEST),
+        republish=RePublish(src=src, dest=dest),
+        metadata=layout.metadata(shard),
     )
 
 
 class Store:
-    """Writes to the HISTORY stream."""
+    """Writes to the history streams."""
 
     def __init__(self, js: JetStreamContext, settings: HistorySettings) -> None:
         self.js = js
         self.settings = settings
 
     async def provision(self) -> None:
-        await ensure_stream(self.js, stream_config(self.settings), self.settings.jetstream_wait)
+        """Every shard's stream, created or brought to the settings; refused (LayoutError)
+        when the streams present are another shard count's."""
+        layout = self.settings.layout
+        await ensure_layout(self.js, layout, self.settings.jetstream_wait)
+        for shard in range(layout.shards):
+            config = stream_config(self.settings, shard)
+            await ensure_stream(self.js, config, self.settings.jetstream_wait)
 
     async def append(
         self,

@@ -21,6 +21,13 @@ STORED_INBOX_WILDCARD = "stored.inbox.*"
 """Every stored direct-message copy, republished by the HISTORY stream."""
 REPUBLISH_SOURCE = ">"
 REPUBLISH_DEST = "stored.>"
+SHARDED_REPUBLISH_SOURCE = "*.*.*"
+"""What a shard stream (``HISTORY_<p>``) republishes: its ``history.<p>.<room>`` and
+``inbox.<p>.<user>`` subjects (a stream has one RePublish rule, so both kinds have three
+tokens)..."""
+SHARDED_REPUBLISH_DEST = "stored.{{wildcard(1)}}.{{wildcard(3)}}"
+"""... on the subjects a single stream uses (``stored.history.<room>``, ``stored.inbox.<user>``):
+the shard token is dropped, so subscribers see the same subjects whatever the shard count."""
 DIRECT_GET_PREFIX = "$JS.API.DIRECT.GET."
 
 HISTORY_QUEUE = "history"
@@ -28,6 +35,7 @@ PRESENCE_QUEUE = "presence"
 BRIDGE_QUEUE = "bridge"
 
 HISTORY_STREAM = "HISTORY"
+"""The one history stream (``HISTORY_SHARDS=1``); with more shards, ``HISTORY_<p>``."""
 PRESENCE_BUCKET = "presence"
 PRESENCE_ANNOUNCED_BUCKET = "presence_announced"
 
@@ -55,6 +63,46 @@ def event(event_type: str) -> str:
 def history(room: str) -> str:
     """``history.<room>``: the JetStream subject a room's messages are stored on."""
     return f"history.{check_name(room, 'room')}"
+
+
+def history_stream(shard: int | None = None) -> str:
+    """``HISTORY`` (no shard: the single stream), or ``HISTORY_<p>``: shard ``p``'s stream."""
+    return HISTORY_STREAM if shard is None else f"{HISTORY_STREAM}_{_shard(shard)}"
+
+
+def parse_history_stream(name: str) -> int | None:
+    """The shard of a ``HISTORY_<p>`` stream name, or None (``HISTORY`` or anything else)."""
+    prefix = HISTORY_STREAM + "_"
+    digits = name[len(prefix) :] if name.startswith(prefix) else ""
+    if not digits.isdigit() or (len(digits) > 1 and digits[0] == "0"):
+        return None
+    return int(digits)
+
+
+def sharded_history(shard: int, room: str) -> str:
+    """``history.<p>.<room>``: where a room is stored in its shard's stream ``HISTORY_<p>``."""
+    return f"history.{_shard(shard)}.{check_name(room, 'room')}"
+
+
+def sharded_inbox(shard: int, user: str) -> str:
+    """``inbox.<p>.<user>``: where a user's direct messages are stored in ``HISTORY_<p>``."""
+    return f"inbox.{_shard(shard)}.{check_name(user, 'user')}"
+
+
+def sharded_history_wildcard(shard: int) -> str:
+    """``history.<p>.*``: the room subjects of shard ``p``'s stream."""
+    return f"history.{_shard(shard)}.*"
+
+
+def sharded_inbox_wildcard(shard: int) -> str:
+    """``inbox.<p>.*``: the inbox subjects of shard ``p``'s stream."""
+    return f"inbox.{_shard(shard)}.*"
+
+
+def _shard(shard: int) -> int:
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ValueError(f"invalid shard {shard!r}: a number from 0")
+    return shard
 
 
 def stored_room(room: str) -> str:
@@ -126,6 +174,11 @@ def parse_user_message(subject: str) -> str | None:
 def parse_history(subject: str) -> str | None:
     """The room of a ``history.<room>`` subject, or None."""
     return _token(subject, "history.", "")
+
+
+def parse_inbox(subject: str) -> str | None:
+    """The user of an ``inbox.<user>`` subject, or None."""
+    return _token(subject, "inbox.", "")
 
 
 def parse_svc_history(subject: str) -> str | None:

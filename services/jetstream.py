@@ -68,6 +68,8 @@ ERR_REPLICAS_UNSUPPORTED = 10074  # "replicas > 1 not supported in non-clustered
 
 
 def _bound_setting(asset: str) -> str:
+    if subjects.parse_history_stream(asset) is not None:  # a shard: HISTORY_MAX_BYTES / K
+        return "HISTORY_MAX_BYTES (split between the HISTORY_SHARDS streams)"
     return BOUND_SETTINGS.get(asset, "its max_bytes")
 
 
@@ -236,7 +238,7 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, ProvisioningError) and cause is not None and _transient(cause)
 
 
-async def _retrying(what: str, wait: float, step: Callable[[], Awaitable[T]]) -> T:
+async def retrying(what: str, wait: float, step: Callable[[], Awaitable[T]]) -> T:
     """Run ``step``, retrying while JetStream is not ready, for at most ``wait`` seconds."""
     deadline = time.monotonic() + wait
     backoff = Backoff(0.25, 2.0)
@@ -266,7 +268,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, wait: float 
     While JetStream is not ready yet (a cluster forming), retries for up to ``wait`` seconds.
     """
     assert config.name is not None
-    await _retrying(config.name, wait, lambda: _ensure_stream(js, config))
+    await retrying(config.name, wait, lambda: _ensure_stream(js, config))
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -329,7 +331,7 @@ async def ensure_kv(
     (the service whose setting sets the bound) brings it to ``config.max_bytes``.
     While JetStream is not ready yet, retries for up to ``wait`` seconds.
     """
-    return await _retrying(f"KV_{config.bucket}", wait, lambda: _ensure_kv(js, config, owner))
+    return await retrying(f"KV_{config.bucket}", wait, lambda: _ensure_kv(js, config, owner))
 
 
 async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig, owner: bool) -> KeyValue:

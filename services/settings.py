@@ -9,6 +9,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from proto.shards import SHARDS_MAX, HistoryLayout
+
 S = TypeVar("S", bound="ServiceSettings")
 
 
@@ -74,6 +76,23 @@ class ServiceSettings(NatsSettings):
         """True when ``room`` matches an ``ephemeral_rooms`` pattern."""
         patterns = self._ephemeral
         return bool(patterns) and any(fnmatch.fnmatchcase(room, p) for p in patterns)
+
+
+class HistoryStreamsSettings(ServiceSettings):
+    """Settings every service that writes or reads the history streams shares (history and
+    gateways; they must agree)."""
+
+    history_shards: int = Field(default=1, ge=1, le=SHARDS_MAX)
+    """History streams the rooms are spread over, each with its own leader (on a cluster,
+    JetStream may place them on different nodes). 1: the stream ``HISTORY``. K > 1:
+    ``HISTORY_0`` .. ``HISTORY_{K-1}``, a room in shard ``sha256(room)[:8] % K``, inboxes in
+    ``HISTORY_0`` (README, "History shards"). Changing it on existing streams is refused;
+    history and every gateway must agree."""
+
+    @cached_property
+    def layout(self) -> HistoryLayout:
+        """Where each room and inbox is stored (``proto.shards``)."""
+        return HistoryLayout(self.history_shards)
 
 
 def settings_from(cls: type[S], overrides: dict[str, Any] | None = None) -> S:

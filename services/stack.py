@@ -159,7 +159,7 @@ def run_up(args: dict[str, Any]) -> int:
             else ""
         )
         + "".join(f"  chat page: http://{args['host']}:{p}/\n" for p in gw_ports)
-        + f"  history:   {args['history']} replicas (stream HISTORY)\n"
+        + f"  history:   {args['history']} replicas ({_streams(env)})\n"
         + "  presence:  1 (bucket presence)\n"
         + bridge_line
         + f"  watch:     nats sub 'room.>' --server {nats_url}\n"
@@ -212,6 +212,14 @@ def run_up(args: dict[str, Any]) -> int:
             broker.stop()
         print("roombus up: stopped", file=sys.stderr, flush=True)
     return code
+
+
+def _streams(env: dict[str, str]) -> str:
+    """The history streams, as HISTORY_SHARDS (from the environment) makes them."""
+    shards = env.get("HISTORY_SHARDS", "1").strip()
+    if not shards.isdigit() or int(shards) <= 1:
+        return "stream HISTORY"
+    return f"streams HISTORY_0..HISTORY_{int(shards) - 1}"
 
 
 def add_bridge_if_redis(children: list[Child], py: list[str], env: dict[str, str]) -> str:

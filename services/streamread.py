@@ -18,7 +18,8 @@ import asyncio
 import base64
 import itertools
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import nats.errors
@@ -57,6 +58,8 @@ class StreamState:
     restarts its sequences under a new epoch."""
     first_seq: int
     last_seq: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The stream's metadata (which history layout and shard it belongs to)."""
 
 
 class Reader(Protocol):
@@ -282,7 +285,10 @@ class StreamReader:
         created = info.created
         epoch = str(int(created.timestamp() * 1_000_000)) if created else "0"
         return StreamState(
-            epoch=epoch, first_seq=int(info.state.first_seq), last_seq=int(info.state.last_seq)
+            epoch=epoch,
+            first_seq=int(info.state.first_seq),
+            last_seq=int(info.state.last_seq),
+            metadata=dict(info.config.metadata or {}),
         )
 
     async def get(self, seq: int) -> Stored | None:

@@ -9,23 +9,28 @@ import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from proto.shards import HistoryLayout
 
-async def stored_messages(nats_url: str, room: str) -> list[dict[str, Any]]:
-    """Every message stored for ``room`` in HISTORY, in stream order (with its ``seq``)."""
+
+async def stored_messages(nats_url: str, room: str, shards: int = 1) -> list[dict[str, Any]]:
+    """Every message stored for ``room`` in its history stream (``HISTORY``, or its shard's
+    with ``shards`` > 1), in stream order (with its ``seq``)."""
+    layout = HistoryLayout(shards)
+    stream, subject = layout.room_stream(room), layout.room_subject(room)
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
         try:
-            info = await js.stream_info("HISTORY", subjects_filter=f"history.{room}")
+            info = await js.stream_info(stream, subjects_filter=subject)
         except NotFoundError:
             return []
-        total = (info.state.subjects or {}).get(f"history.{room}", 0)
+        total = (info.state.subjects or {}).get(subject, 0)
         if not total:
             return []
         sub = await js.pull_subscribe(
-            f"history.{room}",
+            subject,
             durable=None,
-            stream="HISTORY",
+            stream=stream,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True
             ),

@@ -21,8 +21,10 @@ from gateway.hub import Hub
 from gateway.interest import Interest
 from gateway.recovery import join_stored
 from gateway.settings import GatewaySettings
+from gateway.shards import Shards
 from proto import subjects
 from proto.ids import new_id
+from proto.shards import HistoryLayout
 from services.memstream import MemoryStream
 from tests.support.membus import MemBus, matches
 from tests.unit.test_room_delivery import WAIT, Client, _count, _now, _settle, soon
@@ -51,14 +53,13 @@ class Gw:
         self.hub.interest = self.interest
         self.sent: dict[str, list[int]] = {}
         """The stream's sequences of each room, as stored."""
-        # What recovery reads of the gateway: its hub, settings, epoch and reader.
+        shards = Shards(HistoryLayout(1), [self.stream])
+        shards.all[0].epoch = self.stream.epoch
+        # What recovery reads of the gateway: its hub, settings and streams (one shard).
         self.gw = cast(
             "Gateway",
             SimpleNamespace(
-                hub=self.hub,
-                settings=GatewaySettings(request_timeout=0.2),
-                epoch=self.stream.epoch,
-                reader=self.stream,
+                hub=self.hub, settings=GatewaySettings(request_timeout=0.2), shards=shards
             ),
         )
 

@@ -22,8 +22,10 @@ from gateway.conn import Conn
 from gateway.hub import Hub
 from gateway.recovery import join_stored, replay
 from gateway.settings import GatewaySettings
+from gateway.shards import Shards
 from proto import subjects
 from proto.ids import new_id
+from proto.shards import HistoryLayout
 from services.memstream import MemoryStream, Published
 from services.streamread import Reader, StreamReader
 
@@ -69,12 +71,11 @@ class Gw:
         self.hub = Hub(hold_max)
         self.feeds = self.hub.start_feeds(self.stream)
         self.settings = GatewaySettings(**settings)
-        # What recovery reads of the gateway: its hub, settings, epoch and reader.
+        shards = Shards(HistoryLayout(1), [self.stream])
+        shards.all[0].epoch = self.stream.epoch
+        # What recovery reads of the gateway: its hub, settings and streams (one shard).
         self.gw = cast(
-            "Gateway",
-            SimpleNamespace(
-                hub=self.hub, settings=self.settings, epoch=self.stream.epoch, reader=self.stream
-            ),
+            "Gateway", SimpleNamespace(hub=self.hub, settings=self.settings, shards=shards)
         )
 
     def store(self, text: str, room: str = ROOM) -> Published:
