@@ -830,6 +830,8 @@ def main() -> int:
             check_image("roombus:local")
             services = available_services("roombus:local")
             say(f"services in the image: {sorted(services)}")
+            core = {"gateway", "history", "presence"} - services
+            assert not core, f"`roombus <service> --help` fails in the image for {sorted(core)}"
             config = stack("--profile", "tools", "config", "--services", capture=True).stdout
             assert "nats-box" in config.split(), "the tools profile has no nats-box"
             if no_standin:

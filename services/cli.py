@@ -39,7 +39,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type[ServiceSetting
             dest=name,
             default=None,
             metavar=env,
-            help=f"{info.description or ''} [env {env}, default {default!r}]",
+            # argparse formats help with %: a literal one in a description must be doubled.
+            help=f"{info.description or ''} [env {env}, default {default!r}]".replace("%", "%%"),
         )
 
 
