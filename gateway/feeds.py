@@ -30,6 +30,11 @@ HEAL_BATCH = 500
 HOLD_BYTES = 8 * 1024 * 1024
 """Bytes of live messages one feed holds while it heals; past it they are read again."""
 RETRY_MAX = 2.0
+RECHECK = 1.0
+"""Seconds after a feed started when it reads the stream's end once more: a message stored
+just after its start whose live copy never came (in a cluster a new subscription reaches the
+other servers a moment later) is delivered then, not when the room's next message shows the
+gap."""
 BEHIND_MAX = 0.25
 """Seconds at most between the reads again when the replica that answered was behind."""
 
@@ -129,6 +134,7 @@ class Feeds:
         """Awaited before a feed reads where it starts: until the subscription that brings
         its live messages is sent (what is stored after the read then comes live)."""
         self.feeds: dict[str, Feed] = {}
+        self.recheck = RECHECK
         self._badlog = RateLimitedLog(log)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -220,7 +226,9 @@ class Feeds:
 
     async def _healer(self, feed: Feed) -> None:
         backoff = Backoff(0.05, RETRY_MAX)
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        starting = feed.last is None
         while not feed.closed:
             try:
                 await self._catch_up(feed)
@@ -231,8 +239,26 @@ class Feeds:
                 )
                 await asyncio.sleep(backoff.next())
                 continue
-            metrics.HEAL_SECONDS.observe(asyncio.get_running_loop().time() - started)
+            metrics.HEAL_SECONDS.observe(loop.time() - started)
+            if starting and self.recheck > 0:
+                loop.call_later(self.recheck, self._recheck, feed)
             return
+
+    def _recheck(self, feed: Feed) -> None:
+        if not feed.closed and not feed.busy:  # (a heal under way reads the stream anyway)
+            asyncio.get_running_loop().create_task(self._probe(feed))
+
+    async def _probe(self, feed: Feed) -> None:
+        """The stream's end once more; past what the feed delivered: heal."""
+        try:
+            last = await feed.reader.last(feed.source)
+        except ReadError:
+            return  # NATS away: its reconnect heals every feed
+        if feed.closed or feed.busy or feed.last is None or last <= feed.last:
+            return
+        metrics.RECHECK_HEALS.inc()
+        feed.busy = True
+        self._heal(feed)
 
     async def _catch_up(self, feed: Feed) -> None:
         behind = Backoff(0.005, BEHIND_MAX)

@@ -50,6 +50,11 @@ DUPLICATES = Counter(
     "Republished messages already delivered (by a heal, or the other way during a switch)",
 )
 GAPS = Counter("roombus_gateway_gaps_total", "Gaps in a room's or inbox's sequence (prev mismatch)")
+RECHECK_HEALS = Counter(
+    "roombus_gateway_recheck_heals_total",
+    "Feeds that found, re-reading the stream's end after they started, a message whose live "
+    "copy never came (healed)",
+)
 READ_BEHIND = Counter(
     "roombus_gateway_read_behind_total",
     "Stream reads answered by a replica behind the message they had to reach (read again)",

@@ -197,6 +197,19 @@ async def test_a_gap_the_leader_no_longer_has_is_skipped_not_waited_on() -> None
     assert feed is not None and not feed.busy
 
 
+async def test_a_message_stored_as_a_feed_starts_whose_live_copy_never_comes_arrives() -> None:
+    g = Gw()
+    g.feeds.recheck = 0.05
+    healed = _count("roombus_gateway_recheck_heals_total")
+    a = await g.member("a")
+    g.store("lost")  # stored after the feed read its start; its live copy never arrives
+    await soon(lambda: a.texts() == ["lost"], "the message, found by the re-check")
+    assert _count("roombus_gateway_recheck_heals_total") == healed + 1
+    g.say("next")
+    await soon(lambda: a.texts() == ["lost", "next"], "then live")
+    a.check_links(0)
+
+
 async def test_live_messages_past_the_hold_bound_are_read_again_not_lost() -> None:
     g = Gw(hold_max=2)
     a = await g.member("a")
