@@ -11,7 +11,6 @@ import socket
 from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
 
@@ -24,6 +23,7 @@ from services.lifecycle import Shutdown
 from services.shards import present_streams
 from services.streamread import StreamReader
 
+from .admission import Admission
 from .api import api_handlers
 from .auth import Authenticator
 from .budget import QueryBudget
@@ -54,7 +54,7 @@ class Gateway:
         self.hub.interest = self.interest
         self._shards: Shards | None = None
         self.auth = Authenticator(settings)
-        self.per_ip: dict[str, int] = {}
+        self.admission = Admission(settings, self.auth, lambda: len(self.hub.conns))
         self.queries = QueryBudget(settings.history_rate, settings.history_burst)
         self._publisher: Publisher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -66,10 +66,11 @@ class Gateway:
             or f"gw-{os.getpid()}"
         )
         self._bus: Bus | None = None
-        self.accepting = True
-        origins = [o.strip().lower() for o in settings.allowed_origins.split(",") if o.strip()]
-        self.any_origin = "*" in origins
-        self.origin_hosts = frozenset(o.strip("[]") for o in origins)
+
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown began (new clients are refused)."""
+        return self.admission.accepting
 
     @property
     def bus(self) -> Bus:
@@ -167,7 +168,7 @@ class Gateway:
     def _stop_accepting(self) -> None:
         """Shutdown starts: refuse new clients and end every SSE stream (its client reconnects
         elsewhere, as WebSocket clients do on 1012), so no open stream holds the shutdown."""
-        self.accepting = False
+        self.admission.accepting = False
         for conn in [c for c in self.hub.conns if isinstance(c, SseConn)]:
             conn.shut(CloseCode.SERVICE_RESTART)
 
@@ -185,16 +186,6 @@ class Gateway:
         """Back on NATS: every feed reads what was stored while we were away."""
         self.hub.feeds_heal()
         self.spawn(self.shards.check(self.hub.reset_epoch), "epoch-check")
-
-    # -- admission --------------------------------------------------------------------
-    def origin_allowed(self, origin: str | None) -> bool:
-        if origin is None or self.any_origin:
-            return True
-        try:
-            host = (urlsplit(origin).hostname or "").lower()
-        except ValueError:
-            return False
-        return host in self.origin_hosts
 
 
 def _static(name: str) -> bytes:

@@ -24,7 +24,8 @@ from proto.frames import SEQ_MAX, FrameError, encode_frame
 from proto.names import InvalidNameError, check_event_type, check_name
 
 from . import metrics
-from .auth import AuthError, Identity
+from .admission import Refused, Ticket, header
+from .auth import Identity
 from .conn import Conn
 from .edge import transport_of
 from .handlers import Session
@@ -92,12 +93,6 @@ class SseConn(Conn):
             yield chunk
 
 
-class Refused(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 def parse_last_event_id(raw: str, rooms: list[str]) -> dict[str, int]:
     """``Last-Event-ID`` as a cursor per room: ``12`` (every room) or ``a:12,b:40``.
     Raises ValueError when it is neither."""
@@ -126,36 +121,29 @@ def sse_handler(gw: Gateway) -> ASGIRouteHandler:
         try:
             admitted = _admit(gw, request)
         except Refused as exc:
-            await _respond(send, exc.status, {"code": exc.code, "message": exc.message})
+            await _respond(send, exc.status, {"code": exc.code, "message": exc.reason})
             return
         # Counted in `_admit` (no await before): released whatever happens from here on.
-        conn, identity, rooms, events, last, ip = admitted
+        conn, identity, rooms, events, last, ticket = admitted
         try:
+            ticket.expire(identity, conn.shut)
             await _stream(gw, conn, identity, rooms, events, last, scope, receive, send)
         finally:
+            ticket.release()
             gw.hub.remove(conn)
             metrics.SSE_STREAMS.dec()
-            n = gw.per_ip.get(ip, 1) - 1
-            if n > 0:
-                gw.per_ip[ip] = n
-            else:
-                gw.per_ip.pop(ip, None)
 
     return sse
 
 
 def _admit(
     gw: Gateway, request: Request[Any, Any, Any]
-) -> tuple[SseConn, Identity, list[str], list[str], dict[str, int], str]:
+) -> tuple[SseConn, Identity, list[str], list[str], dict[str, int], Ticket]:
     """Every check, then the stream counted (per address, per gateway); raises Refused."""
     s = gw.settings
     if request.method != "GET":
         raise Refused(405, ErrorCode.INVALID.value, "use GET")
-    if not gw.accepting:  # shutting down: the client's retry finds another gateway
-        raise Refused(503, ErrorCode.UNAVAILABLE.value, "server is shutting down")
-    if not gw.origin_allowed(request.headers.get("origin")):
-        metrics.REFUSED.labels("origin").inc()
-        raise Refused(403, ErrorCode.FORBIDDEN.value, "origin")
+    gw.admission.check(request.scope)
     try:
         rooms = _names(request.query_params.get("rooms"), lambda n: check_name(n, "room"))
         events = _names(request.query_params.get("events"), check_event_type)
@@ -163,11 +151,11 @@ def _admit(
         raise Refused(400, ErrorCode.BAD_NAME.value, str(exc)) from None
     if len(rooms) > s.max_rooms or len(events) > s.max_events:
         raise Refused(400, ErrorCode.TOO_MANY_ROOMS.value, "too many rooms or events")
-    try:
-        identity = _identity(gw, request)
-    except AuthError as exc:
-        status = 401 if exc.code == CloseCode.UNAUTHORIZED else 403
-        raise Refused(status, str(exc.code.value), exc.reason) from None
+    token = request.query_params.get("token") or ""
+    bearer = header(request.scope, b"authorization") or ""
+    if not token and bearer.lower().startswith("bearer "):
+        token = bearer[7:].strip()
+    identity = gw.admission.identify(token, request.query_params.get("user"), "guest-sse")
     forbidden = [r for r in rooms if not identity.may_use(r)]
     if forbidden:
         raise Refused(403, ErrorCode.FORBIDDEN.value, f"room {forbidden[0]!r} is not yours")
@@ -181,11 +169,7 @@ def _admit(
         raise Refused(
             400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a seq or room:seq list"
         ) from None
-    client = request.scope.get("client")
-    ip = str(client[0]) if client else "unknown"
-    if len(gw.hub.conns) >= s.max_connections or gw.per_ip.get(ip, 0) >= s.max_connections_per_ip:
-        metrics.REFUSED.labels("too_many_connections").inc()
-        raise Refused(503, "too_many_connections", "connection limit reached")
+    ticket = gw.admission.enter(request.scope)
     conn = SseConn(
         _no_send,
         identity.user,
@@ -198,10 +182,9 @@ def _admit(
     conn.positions = dict.fromkeys(rooms, 0)
     conn.aborter = getattr(transport_of(request.scope), "abort", None)
     conn.start()
-    gw.per_ip[ip] = gw.per_ip.get(ip, 0) + 1
     gw.hub.add(conn)
     metrics.SSE_STREAMS.inc()
-    return conn, identity, rooms, events, last, ip
+    return conn, identity, rooms, events, last, ticket
 
 
 async def _respond(send: Send, status: int, body: dict[str, str]) -> None:
@@ -221,16 +204,6 @@ async def _respond(send: Send, status: int, body: dict[str, str]) -> None:
 
 async def _no_send(_message: Any) -> None:  # SseConn has no ASGI writer
     return None
-
-
-def _identity(gw: Gateway, request: Request[Any, Any, Any]) -> Identity:
-    if gw.auth.mode == "none":
-        return gw.auth.anonymous(request.query_params.get("user") or "", "guest-sse")
-    token = request.query_params.get("token") or ""
-    header = request.headers.get("authorization", "")
-    if not token and header.lower().startswith("bearer "):
-        token = header[7:].strip()
-    return gw.auth.verify(token)
 
 
 async def _watch_disconnect(receive: Receive, conn: Conn) -> None:
@@ -254,10 +227,6 @@ async def _stream(
 ) -> None:
     hub = gw.hub
     session = Session(gw, conn, identity)
-    expiry = None
-    left = gw.auth.seconds_left(identity)
-    if left is not None:
-        expiry = asyncio.get_running_loop().call_later(max(0.0, left), conn.shut, 4002)
     watcher = asyncio.create_task(_watch_disconnect(receive, conn))
     joins = None
     try:
@@ -281,8 +250,6 @@ async def _stream(
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         conn.shut(conn.close_code if conn.is_closed else CloseCode.GOING_AWAY)
-        if expiry is not None:
-            expiry.cancel()
         for task in (watcher, joins):
             if task is not None:
                 task.cancel()

@@ -15,6 +15,7 @@ from proto.errors import CloseCode, ErrorCode
 from proto.frames import encode_frame, error_frame
 
 from . import metrics
+from .admission import Refused, Ticket
 from .auth import AuthError, Identity
 from .conn import Conn
 from .handlers import Session
@@ -76,63 +77,46 @@ def _client_id(text: str) -> str | None:
     return cid[:64] if isinstance(cid, str) else None
 
 
-def client_ip(socket: WebSocket[Any, Any, Any]) -> str:
-    client = socket.scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
-def _origin(scope: Any) -> str | None:
-    """The Origin header, read from the raw scope: litestar's parsed copy of every header
-    would stay cached on each connection for its lifetime (~1.6 KiB)."""
-    for name, value in scope.get("headers") or ():
-        if name == b"origin":
-            return bytes(value).decode("latin-1")
-    return None
-
-
-async def refuse(socket: WebSocket[Any, Any, Any], code: CloseCode, reason: str) -> None:
-    """Accept only to close with an application code the client can read."""
-    metrics.REFUSED.labels(code.name.lower()).inc()
+async def _refuse(
+    socket: WebSocket[Any, Any, Any], refused: Refused, accepted: bool = False
+) -> None:
+    """Accept only to close with an application code the client can read (refused before the
+    upgrade: close without accepting, the client gets an HTTP status)."""
+    assert refused.close is not None
     with contextlib.suppress(Exception):
-        await socket.accept()
-        await socket.close(code=code, reason=reason[:120])
+        if not (accepted or refused.before_upgrade):
+            await socket.accept()
+        await socket.close(code=refused.close, reason=refused.reason[:120])
 
 
 async def serve_ws(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
-    s = gw.settings
-    if not gw.accepting:
-        await refuse(socket, CloseCode.SERVICE_RESTART, "server is shutting down")
-        return
-    if not gw.origin_allowed(_origin(socket.scope)):
-        metrics.REFUSED.labels("origin").inc()
-        await socket.close(code=CloseCode.POLICY)  # before accept: the browser gets HTTP 403
-        return
-    ip = client_ip(socket)
-    if len(gw.hub.conns) >= s.max_connections:
-        await refuse(socket, CloseCode.TOO_MANY_CONNECTIONS, "gateway is full, try another")
-        return
-    if gw.per_ip.get(ip, 0) >= s.max_connections_per_ip:
-        await refuse(socket, CloseCode.TOO_MANY_CONNECTIONS, "too many connections from you")
-        return
-    gw.per_ip[ip] = gw.per_ip.get(ip, 0) + 1
+    admission = gw.admission
     try:
-        await _serve(gw, socket)
+        admission.check(socket.scope)
+        ticket = admission.enter(socket.scope)
+    except Refused as refused:
+        await _refuse(socket, refused)
+        return
+    try:
+        await _serve(gw, socket, ticket)
     finally:
-        left = gw.per_ip.get(ip, 1) - 1
-        if left > 0:
-            gw.per_ip[ip] = left
-        else:
-            gw.per_ip.pop(ip, None)
+        ticket.release()
 
 
 async def _authenticate(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> Identity:
-    if gw.auth.mode == "none":
-        fallback = f"guest-{id(socket) % 100000:05d}"
-        return gw.auth.anonymous(socket.query_params.get("user") or "", fallback)
     token = socket.query_params.get("token")
-    if token:
-        return gw.auth.verify(token)
-    # No token in the URL (it would land in access logs): the first frame must carry it.
+    if not token and gw.auth.mode != "none":
+        # No token in the URL (it would land in access logs): the first frame must carry it.
+        try:
+            token = await _auth_frame(gw, socket)
+        except AuthError as exc:
+            raise gw.admission.unauthenticated(exc) from None
+    fallback = f"guest-{id(socket) % 100000:05d}"
+    return gw.admission.identify(token, socket.query_params.get("user"), fallback)
+
+
+async def _auth_frame(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> str:
+    """The token of the first frame, ``{"type":"auth","data":{"token":...}}``."""
     try:
         async with asyncio.timeout(gw.settings.auth_timeout):
             event = await socket.receive()
@@ -146,18 +130,16 @@ async def _authenticate(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> Identi
     data = frame.get("data") if isinstance(frame, dict) and frame.get("type") == "auth" else None
     if not isinstance(data, dict) or not isinstance(data.get("token"), str):
         raise AuthError(CloseCode.UNAUTHORIZED, 'first frame must be {"type":"auth",...}')
-    return gw.auth.verify(data["token"])
+    return str(data["token"])
 
 
-async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
+async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any], ticket: Ticket) -> None:
     s = gw.settings
     await socket.accept()
     try:
         identity = await _authenticate(gw, socket)
-    except AuthError as exc:
-        metrics.REFUSED.labels("auth").inc()
-        with contextlib.suppress(Exception):
-            await socket.close(code=exc.code, reason=exc.reason[:120])
+    except Refused as refused:
+        await _refuse(socket, refused, accepted=True)
         return
     conn = Conn(
         socket.send,
@@ -176,12 +158,7 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
     metrics.CONNECTIONS_TOTAL.inc()
     session = Session(gw, conn, identity)
     session.send(encode_frame("hello", {"user": identity.user, "verified": identity.verified}))
-    expiry: asyncio.TimerHandle | None = None
-    left = gw.auth.seconds_left(identity)
-    if left is not None:
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, left), conn.shut, CloseCode.TOKEN_EXPIRED
-        )
+    ticket.expire(identity, conn.shut)
     conn.task = asyncio.current_task()
     try:
         await _read_loop(gw, socket, session)
@@ -194,8 +171,6 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> None:
             task.uncancel()
     finally:
         conn.task = None
-        if expiry is not None:
-            expiry.cancel()
         gw.hub.remove(conn)
         if conn.close_code not in (CloseCode.GOING_AWAY, CloseCode.SLOW_CONSUMER):
             await conn.flush(0.5)
