@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from proto.bus import ChatMessage, DirectMessage
 from proto.frames import encode_frame
 from services.backoff import Backoff
-from services.logs import RateLimitedLog
+from services.logs import Malformed, RateLimitedLog
 from services.streamread import Reader, ReadError
 
 from . import metrics
@@ -136,6 +136,9 @@ class Feeds:
         self.feeds: dict[str, Feed] = {}
         self.recheck = RECHECK
         self._badlog = RateLimitedLog(log)
+        self._malformed = Malformed(
+            self._badlog, lambda kind: metrics.BUS_MALFORMED.labels(kind).inc()
+        )
 
     # -- lifecycle --------------------------------------------------------------------
     def open(
@@ -213,9 +216,12 @@ class Feeds:
         try:
             frame = feed.frame(data, seq, prev, feed.name)
         except ValueError as exc:
-            metrics.BUS_MALFORMED.labels("stored").inc()
-            self._badlog.warning(
-                "bad_stored", "skipped a malformed stored message", seq=seq, error=str(exc)[:200]
+            self._malformed.drop(
+                "bad_stored",
+                "skipped a malformed stored message",
+                metric="stored",
+                seq=seq,
+                error=str(exc)[:200],
             )
             return
         self.deliver(feed, seq, prev, frame)

@@ -4,12 +4,14 @@ then live ones — or ``recovered: false`` with the reason, never a silent parti
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from proto import subjects
 from proto.errors import ErrorCode
 from proto.frames import FrameError, error_frame
 from services.backoff import Backoff
+from services.logs import Malformed, RateLimitedLog
 from services.streamread import ReadError
 
 from . import metrics
@@ -19,6 +21,12 @@ from .feeds import BEHIND_MAX, room_frame
 if TYPE_CHECKING:
     from .app import Gateway
     from .shards import Shard
+
+log = logging.getLogger("roombus.gateway.recovery")
+
+# A stored message that does not parse is skipped (the stream is writable by anyone on the
+# bus): counted and logged like every malformed bus input, at most a line per interval.
+_malformed = Malformed(RateLimitedLog(log), lambda kind: metrics.BUS_MALFORMED.labels(kind).inc())
 
 REPLAY_PAGE = 500
 ROUNDS_MAX = 100
@@ -130,8 +138,14 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
             for row in rows:
                 try:
                     frame = room_frame(row.data, row.seq, cursor, room)
-                except ValueError:
-                    metrics.BUS_MALFORMED.labels("stored").inc()
+                except ValueError as exc:
+                    _malformed.drop(
+                        "bad_stored",
+                        "skipped a malformed stored message in a replay",
+                        metric="stored",
+                        seq=row.seq,
+                        error=str(exc)[:200],
+                    )
                     cursor = row.seq
                     continue
                 if not await conn.put(frame, row.seq, room):
