@@ -6,17 +6,17 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proto.errors import CloseCode
 
 from . import metrics
-from .wire import WireProtocol, text_frame
+from .wire import text_frame
+
+if TYPE_CHECKING:
+    from .sinks import Sink
 
 log = logging.getLogger("roombus.gateway.conn")
-
-Send = Callable[[Any], Awaitable[None]]
 
 
 class Catch:
@@ -47,16 +47,16 @@ class Catch:
 
 
 class Conn:
-    """A WebSocket client as the fan-out sees it.
+    """A client connection as the fan-out sees it, whatever its socket (:class:`Sink`).
 
-    ``offer`` never blocks and never awaits. With a :class:`WireProtocol` (the default
-    server) a frame is written straight to the socket while its transport buffer is below
-    the high-water mark; above it, frames wait in a buffer bounded in frames (``maxlen``) and
-    in bytes (``max_bytes``) that the protocol's ``resume_writing`` drains. Without one
-    (another uvicorn WebSocket implementation) a writer task sends the buffer through ASGI.
-    When the buffer is full the frame is dropped (counted); a client whose buffer is still
-    full ``slow_timeout`` seconds after the first drop is disconnected with 4008 and its
-    socket aborted (``aborter``): a client that never reads gets no close handshake to hold
+    ``offer`` never blocks and never awaits. While nothing waits and the sink can write
+    without waiting (the direct WebSocket sink, below its transport's high-water mark) a frame
+    is written at once; otherwise it waits in a buffer bounded in frames (``maxlen``) and in
+    bytes (``max_bytes``), which the sink drains (``drain`` when the transport can take more;
+    a sink that pulls — an ASGI writer task, the SSE response body — is woken). When the
+    buffer is full the frame is dropped (counted); a client whose buffer is still full
+    ``slow_timeout`` seconds after the first drop is disconnected with 4008 and its socket
+    aborted (the sink's ``abort``): a client that never reads gets no close handshake to hold
     the socket (and what was written to it) open.
 
     Frames are UTF-8 JSON ``bytes``, encoded once by the caller; a fan-out also passes the
@@ -71,19 +71,16 @@ class Conn:
         "close_code",
         "task",
         "shut_cancelled",
-        "_send",
-        "_wire",
+        "_sink",
+        "_framed",
         "_buf",
         "_max",
         "_bytes",
         "_max_bytes",
         "_slow_timer",
-        "aborter",
         "dms",
-        "_wake",
         "_full_since",
         "_slow_timeout",
-        "_writer",
         "_space",
         "_drained",
         "_started",
@@ -96,12 +93,11 @@ class Conn:
 
     def __init__(
         self,
-        send: Send,
+        sink: Sink,
         user: str,
         verified: bool,
         maxlen: int,
         slow_timeout: float,
-        wire: WireProtocol | None = None,
         max_bytes: int = 1024 * 1024,
     ):
         self.user = user
@@ -113,25 +109,19 @@ class Conn:
         self.task: asyncio.Task[Any] | None = None
         """The connection's own task, cancelled by :meth:`shut` to end a blocked read."""
         self.shut_cancelled = False
-        self._send = send
-        self._wire = wire
-        # Frames waiting for the socket: wire frames (fast path) or payloads (ASGI path).
+        self._sink = sink
+        self._framed = sink.framed  # (read per frame: a slot of ours is the cheaper lookup)
+        # Frames waiting for the sink, as it writes them (WebSocket frames or payloads).
         # (None until the first frame has to wait: most connections never need one.)
         self._buf: deque[bytes] | None = None
         self._max = maxlen
         self._bytes = 0
         self._max_bytes = max_bytes
         self._slow_timer: asyncio.TimerHandle | None = None
-        self.aborter: Callable[[], None] | None = wire.abort if wire is not None else None
-        """Drops the socket at once (no close handshake): set when the server offers one."""
         self.dms = True
         """Direct messages to ``user`` reach this connection (off for unverified names)."""
-        self._wake: asyncio.Event | None = None
         self._full_since: float | None = None
         self._slow_timeout = slow_timeout
-        # Idle connections have no writer task: on the ASGI path one is started when frames
-        # are queued and ends when the buffer is empty (memory per idle connection matters).
-        self._writer: asyncio.Task[None] | None = None
         self._space: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._started = False
@@ -145,17 +135,8 @@ class Conn:
 
     def start(self) -> None:
         self._started = True
-        if self._wire is not None:
-            self._wire.on_writable = self._drain
-        self._kick()
-
-    def _kick(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-        if self._wire is not None:
-            return
-        if self._started and self._writer is None and self._buf:
-            self._writer = asyncio.create_task(self._write_loop())
+        self._sink.start(self)
+        self._sink.wake()
 
     def offer(
         self,
@@ -173,16 +154,14 @@ class Conn:
         if self.is_closed:
             return False
         buf = self._buf
-        fast = self._wire
-        if fast is not None:
-            if wire is None:
-                wire = text_frame(frame)
-            if not buf and self._started and fast.can_write():
-                if not fast.write_frame(wire):
-                    self.shut(CloseCode.GOING_AWAY)
-                    return False
-                return True
-            frame = wire
+        sink = self._sink
+        if self._framed:
+            frame = wire if wire is not None else text_frame(frame)
+        if not buf and self._started and sink.can_write():
+            if not sink.write(frame):
+                self.shut(CloseCode.GOING_AWAY)
+                return False
+            return True
         if buf is None:
             buf = self._buf = deque()
         elif self._full(len(frame)):
@@ -195,7 +174,7 @@ class Conn:
             return False
         buf.append(frame)
         self._bytes += len(frame)
-        self._kick()
+        sink.wake()
         return True
 
     def _full(self, size: int) -> bool:
@@ -246,15 +225,16 @@ class Conn:
         if not self._buf and self._drained is not None:
             self._drained.set()
 
-    def _drain(self) -> None:
-        """Fast path: the transport went below its low-water mark; write what waits."""
-        fast, buf = self._wire, self._buf
-        if fast is None or not buf:
+    def drain(self) -> None:
+        """The sink can take frames again (its transport went below the low-water mark):
+        write what waits."""
+        sink, buf = self._sink, self._buf
+        if not buf:
             return
-        while buf and fast.can_write():
+        while buf and sink.can_write():
             frame = buf.popleft()
             self._bytes -= len(frame)
-            if not fast.write_frame(frame):
+            if not sink.write(frame):
                 buf.clear()
                 self._bytes = 0
                 self.shut(CloseCode.GOING_AWAY)
@@ -277,6 +257,24 @@ class Conn:
         self.made_room()
         return chunk
 
+    def waiting(self) -> bool:
+        """Frames wait in the buffer."""
+        return bool(self._buf)
+
+    def next_frame(self) -> bytes | None:
+        """The oldest waiting frame, taken out (a pulling sink's read); None: none waits."""
+        buf = self._buf
+        if not buf:
+            return None
+        frame = buf.popleft()
+        self._bytes -= len(frame)
+        return frame
+
+    def sent(self) -> None:
+        """A pulling sink wrote the frame it took."""
+        if self._below_half():
+            self.made_room()
+
     def shut(self, code: int) -> None:
         """Close the connection with ``code`` (idempotent); interrupts its blocked read."""
         if self.is_closed:
@@ -291,56 +289,31 @@ class Conn:
             if self._buf:
                 self._buf.clear()
                 self._bytes = 0
-            if self.aborter is not None:
-                self.aborter()
-        if self._wake is not None:
-            self._wake.set()
+            abort = self._sink.abort
+            if abort is not None:
+                abort()
+        self._sink.wake()
         task = self.task
         if task is not None and not task.done() and task is not asyncio.current_task():
             self.shut_cancelled = True
             task.cancel()
 
-    async def _write_loop(self) -> None:
-        buf = self._buf
-        assert buf is not None
-        try:
-            while buf:
-                frame = buf.popleft()
-                self._bytes -= len(frame)
-                await self._send({"type": "websocket.send", "text": frame.decode()})
-                if self._below_half():
-                    self.made_room()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The socket went away under us: the read side notices and cleans up.
-            self.shut(CloseCode.GOING_AWAY)
-        finally:
-            self._writer = None
-
     async def stop(self) -> None:
         self._started = False
-        if self._wire is not None:
-            self._wire.on_writable = None
-        writer = self._writer
-        if writer is not None:
-            writer.cancel()
-            try:
-                await writer
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._sink.stop()
 
     async def flush(self, within: float) -> None:
         """Wait (at most ``within`` seconds) until the buffer is written, before a close."""
-        writer = self._writer
-        if writer is not None:
-            await asyncio.wait({writer}, timeout=within)
+        await self._sink.flush(self, within)
+
+    async def emptied(self, within: float) -> None:
+        """Wait (at most ``within`` seconds) until nothing waits in the buffer."""
+        if not self._buf:
             return
-        if self._wire is not None and self._buf:
-            self._drained = self._drained or asyncio.Event()
-            self._drained.clear()
-            try:
-                async with asyncio.timeout(within):
-                    await self._drained.wait()
-            except TimeoutError:
-                pass
+        self._drained = self._drained or asyncio.Event()
+        self._drained.clear()
+        try:
+            async with asyncio.timeout(within):
+                await self._drained.wait()
+        except TimeoutError:
+            pass

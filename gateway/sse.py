@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,14 +41,60 @@ HEADERS = [
 ]
 
 
+class SseSink:
+    """The HTTP response body: :meth:`body` pulls what the connection buffered, so an SSE
+    client has the same buffer (bounded in frames and bytes) and slow-client policy as a
+    WebSocket one."""
+
+    __slots__ = ("abort", "_conn", "_wake")
+    framed = False
+
+    def __init__(self, abort: Callable[[], None] | None) -> None:
+        self.abort = abort
+        self._conn: Conn | None = None
+        self._wake: asyncio.Event | None = None
+
+    def start(self, conn: Conn) -> None:
+        self._conn = conn
+        self._wake = asyncio.Event()
+
+    def can_write(self) -> bool:
+        return False  # the body pulls
+
+    def write(self, data: bytes) -> bool:
+        raise AssertionError("SseSink never writes without waiting")
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        return None
+
+    async def flush(self, conn: Conn, within: float) -> None:
+        return None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        conn, wake = self._conn, self._wake
+        assert conn is not None and wake is not None, "started first"
+        yield b"retry: 2000\n\n"
+        while not conn.is_closed:
+            chunk = conn.take_all()
+            if not chunk:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KEEPALIVE):
+                        await wake.wait()
+                if conn.is_closed:
+                    return
+                chunk = conn.take_all() or b": keepalive\n\n"
+            yield chunk
+
+
 class SseConn(Conn):
     """A connection whose frames become SSE events; a stored message's ``id:`` is the stream
     position: its ``seq`` with one room, ``room:seq,room:seq`` with several (each room's
-    last delivered ``seq``), so ``Last-Event-ID`` resumes every room exactly.
-
-    The same buffer (bounded in frames and bytes) and slow-client policy as WebSocket;
-    :meth:`body` is the writer.
-    """
+    last delivered ``seq``), so ``Last-Event-ID`` resumes every room exactly."""
 
     __slots__ = ("positions",)
     positions: dict[str, int]
@@ -70,27 +115,6 @@ class SseConn(Conn):
             positions[room] = cursor
             event_id = ",".join(f"{r}:{p}" for r, p in positions.items())
         return super().offer(b"id: " + event_id.encode() + b"\ndata: " + frame + b"\n\n")
-
-    def start(self) -> None:
-        """No writer task: :meth:`body` drains the buffer into the HTTP response."""
-        self._wake = asyncio.Event()
-        self._buf = deque()
-
-    async def body(self) -> AsyncIterator[bytes]:
-        yield b"retry: 2000\n\n"
-        wake = self._wake
-        assert wake is not None
-        while not self.is_closed:
-            chunk = self.take_all()
-            if not chunk:
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(KEEPALIVE):
-                        await wake.wait()
-                if self.is_closed:
-                    return
-                chunk = self.take_all() or b": keepalive\n\n"
-            yield chunk
 
 
 def parse_last_event_id(raw: str, rooms: list[str]) -> dict[str, int]:
@@ -171,7 +195,7 @@ def _admit(
         ) from None
     ticket = gw.admission.enter(request.scope)
     conn = SseConn(
-        _no_send,
+        SseSink(getattr(transport_of(request.scope), "abort", None)),
         identity.user,
         identity.verified,
         s.send_queue,
@@ -180,7 +204,6 @@ def _admit(
     )
     conn.dms = identity.verified or s.insecure_dms
     conn.positions = dict.fromkeys(rooms, 0)
-    conn.aborter = getattr(transport_of(request.scope), "abort", None)
     conn.start()
     gw.hub.add(conn)
     metrics.SSE_STREAMS.inc()
@@ -200,10 +223,6 @@ async def _respond(send: Send, status: int, body: dict[str, str]) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-
-async def _no_send(_message: Any) -> None:  # SseConn has no ASGI writer
-    return None
 
 
 async def _watch_disconnect(receive: Receive, conn: Conn) -> None:
@@ -227,6 +246,8 @@ async def _stream(
 ) -> None:
     hub = gw.hub
     session = Session(gw, conn, identity)
+    sink = conn._sink
+    assert isinstance(sink, SseSink)
     watcher = asyncio.create_task(_watch_disconnect(receive, conn))
     joins = None
     try:
@@ -234,7 +255,7 @@ async def _stream(
             hub.subscribe(conn, event)
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         joins = asyncio.create_task(_join_all(gw, session, rooms, last))
-        async for chunk in conn.body():
+        async for chunk in sink.body():
             try:
                 # uvicorn's send waits for the socket to drain: not longer than a slow
                 # client may take (without this the stream would hang here forever).

@@ -32,6 +32,8 @@ from websockets.protocol import State
 
 if TYPE_CHECKING:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    from .conn import Conn
 else:
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -55,6 +57,10 @@ RELIES_ON: dict[str, tuple[str, ...]] = {
     "send": (),
     "shutdown": (),
 }
+
+SINK_NAMES = ("framed", "start", "wake", "stop", "flush", "write")
+"""What :class:`WireProtocol` adds to be a connection's sink: uvicorn's protocol must not have
+them already (it would call ours)."""
 
 
 def _range_text() -> str:
@@ -88,6 +94,9 @@ def uvicorn_problem(version: str | None = None, base: Any = None) -> str | None:
         missing += [f"{method}() setting self.{a}" for a in attrs if a not in code.co_names]
     if missing:
         return f"uvicorn {version}'s protocol lacks {', '.join(missing)}; {fix}"
+    taken = [name for name in SINK_NAMES if hasattr(base, name)]
+    if taken:
+        return f"uvicorn {version}'s protocol has its own {', '.join(taken)}; {fix}"
     return None
 
 
@@ -252,6 +261,24 @@ class WireProtocol(WebSocketsSansIOProtocol):
         self.on_writable = None
         super().connection_lost(exc)
 
+    # -- the connection's sink (gateway.sinks.Sink): the fan-out calls these per frame, so
+    # they are the protocol's own methods, not a wrapper's (a call less per frame and client)
+
+    framed = True
+    """It writes WebSocket frames: ``Conn`` frames a payload first (once per fan-out)."""
+
+    def start(self, conn: Conn) -> None:
+        self.on_writable = conn.drain
+
+    def wake(self) -> None:
+        return None  # resume_writing calls Conn.drain
+
+    async def stop(self) -> None:
+        self.on_writable = None
+
+    async def flush(self, conn: Conn, within: float) -> None:
+        await conn.emptied(within)
+
     def can_write(self) -> bool:
         """The transport's buffer is below its high-water mark."""
         return self.writable.is_set()
@@ -272,6 +299,8 @@ class WireProtocol(WebSocketsSansIOProtocol):
         else:
             out.append(frame)
         return True
+
+    write = write_frame
 
     def _flush_out(self) -> None:
         out = self._out

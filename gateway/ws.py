@@ -19,7 +19,7 @@ from .admission import Refused, Ticket
 from .auth import AuthError, Identity
 from .conn import Conn
 from .handlers import Session
-from .wire import from_scope
+from .sinks import websocket_sink
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -142,12 +142,11 @@ async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any], ticket: Ticket) 
         await _refuse(socket, refused, accepted=True)
         return
     conn = Conn(
-        socket.send,
+        websocket_sink(socket.scope, socket.send),
         user=identity.user,
         verified=identity.verified,
         maxlen=s.send_queue,
         slow_timeout=s.slow_client_timeout,
-        wire=from_scope(socket.scope),
         max_bytes=s.send_buffer_bytes,
     )
     conn.dms = identity.verified or s.insecure_dms

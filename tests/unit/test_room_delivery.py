@@ -23,6 +23,7 @@ from gateway.hub import Hub
 from gateway.recovery import join_stored, replay
 from gateway.settings import GatewaySettings
 from gateway.shards import Shards
+from gateway.sinks import AsgiSink
 from proto import subjects
 from proto.ids import new_id
 from proto.shards import HistoryLayout
@@ -43,7 +44,7 @@ class Client:
 
     def __init__(self, user: str) -> None:
         self.frames: list[dict[str, Any]] = []
-        self.conn = Conn(self._send, user, True, 10_000, 5.0)
+        self.conn = Conn(AsgiSink(self._send), user, True, 10_000, 5.0)
         self.conn.start()
 
     async def _send(self, message: Any) -> None:

@@ -53,6 +53,15 @@ def test_a_uvicorn_protocol_without_the_attributes_we_use_is_refused() -> None:
     assert uvicorn_problem(uvicorn.__version__, object) is not None  # no such protocol
 
 
+def test_a_uvicorn_protocol_with_a_method_named_like_ours_is_refused() -> None:
+    class Flushing(WebSocketsSansIOProtocol):
+        def flush(self) -> None:  # WireProtocol's sink method would shadow it
+            pass
+
+    problem = uvicorn_problem(uvicorn.__version__, Flushing)
+    assert problem is not None and "has its own flush" in problem
+
+
 def test_gateway_refuses_to_start_direct_on_an_unsupported_uvicorn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
