@@ -116,6 +116,12 @@ class SseConn(Conn):
             event_id = ",".join(f"{r}:{p}" for r, p in positions.items())
         return super().offer(b"id: " + event_id.encode() + b"\ndata: " + frame + b"\n\n")
 
+    def body(self) -> AsyncIterator[bytes]:
+        """The response body: what this connection buffered, as it comes."""
+        sink = self._sink
+        assert isinstance(sink, SseSink)
+        return sink.body()
+
 
 def parse_last_event_id(raw: str, rooms: list[str]) -> dict[str, int]:
     """``Last-Event-ID`` as a cursor per room: ``12`` (every room) or ``a:12,b:40``.
@@ -246,8 +252,6 @@ async def _stream(
 ) -> None:
     hub = gw.hub
     session = Session(gw, conn, identity)
-    sink = conn._sink
-    assert isinstance(sink, SseSink)
     watcher = asyncio.create_task(_watch_disconnect(receive, conn))
     joins = None
     try:
@@ -255,7 +259,7 @@ async def _stream(
             hub.subscribe(conn, event)
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         joins = asyncio.create_task(_join_all(gw, session, rooms, last))
-        async for chunk in sink.body():
+        async for chunk in conn.body():
             try:
                 # uvicorn's send waits for the socket to drain: not longer than a slow
                 # client may take (without this the stream would hang here forever).
