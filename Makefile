@@ -42,11 +42,15 @@ lock: ## refresh requirements.lock and requirements-dev.lock (hashes) from pypro
 up: $(STAMP) ## run nats-server + the services locally (no Docker); Ctrl-C stops all
 	$(BIN)/roombus up
 
+# Tests run in parallel (pytest-xdist): each worker has its own brokers and services on free
+# ports, and most of a test's time is waiting on them, so 3 workers fit 2 cores.
+TEST_WORKERS ?= 3
+
 test: $(STAMP) lint ## lint, type-check and run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-fast: $(STAMP) ## the suite without the slow fault tests
-	$(BIN)/python -m pytest -m 'not slow'
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m 'not slow'
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check .
