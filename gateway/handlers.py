@@ -129,6 +129,9 @@ class Session:
     async def joined_data(self, room: str) -> dict[str, object]:
         """The ``joined`` reply: the room, who we are, and who is there (when presence answers)."""
         data: dict[str, object] = {"room": room, "user": self.conn.user}
+        presence = self.gw.hub.presence
+        if presence is not None:  # our own report first: later joins list us
+            await presence.announce(room, self.conn.user, within=0.5)
         try:
             members = await self.presence_members(room, within=0.5)
         except FrameError:

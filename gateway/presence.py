@@ -33,6 +33,9 @@ class PresenceReporter:
         self.members: set[tuple[str, str]] = set()
         self._ops: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(QUEUE_MAX)
         self._tasks: list[asyncio.Task[None]] = []
+        self._queued = 0
+        self._written = 0
+        self._progress = asyncio.Event()
 
     async def start(self) -> None:
         await ensure_kv(
@@ -49,6 +52,22 @@ class PresenceReporter:
         self.members.add((room, user))
         self._enqueue("put", room, user)
 
+    async def announce(self, room: str, user: str, within: float) -> None:
+        """Report ``user`` in ``room`` now and wait (at most ``within``) until the report is
+        on this gateway's NATS connection, ahead of anything it sends next: a join asks for
+        the member list after this, so whoever is told ``joined`` is in the bucket before any
+        later join asks (the presence service answers once its fold reached the bucket's
+        revision at query time). The join's own report (``join``) follows; a second put of
+        the same key changes nothing."""
+        if (room, user) in self.members:
+            return
+        self._enqueue("put", room, user)
+        target = self._queued
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while self._written < target:
+                    await self._progress.wait()
+
     def leave(self, room: str, user: str) -> None:
         self.members.discard((room, user))
         self._enqueue("del", room, user)
@@ -56,6 +75,7 @@ class PresenceReporter:
     def _enqueue(self, op: str, room: str, user: str) -> None:
         try:
             self._ops.put_nowait((op, room, user))
+            self._queued += 1
         except asyncio.QueueFull:
             # The TTL repairs a lost put (next refresh) and a lost delete (expiry).
             metrics.DROPPED.labels("presence_report").inc()
@@ -76,6 +96,9 @@ class PresenceReporter:
                 log.warning("presence report failed", extra={"error": repr(exc)[:200]})
             finally:
                 self._ops.task_done()
+                self._written += 1
+                progress, self._progress = self._progress, asyncio.Event()
+                progress.set()
 
     async def _refresher(self) -> None:
         while True:
