@@ -42,6 +42,7 @@ from bench.interest_loadgen import churn_proc, member_proc, publisher_proc
 from bench.loadgen import raise_nofile
 from services.natsserver import NatsServer
 from services.ports import free_port
+from tests.support.procs import scrape_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMBER_PROCS = 2
@@ -109,15 +110,7 @@ class Proc:
         raise RuntimeError(f"{self.service} on :{self.port} not ready in {timeout}s")
 
     def metric(self, name: str, labels: str = "") -> float:
-        total = 0.0
-        for line in httpx.get(f"{self.http}/metrics", timeout=10).text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            base, _, lab = key.partition("{")
-            if base == name and (not labels or labels in lab):
-                total += float(value)
-        return total
+        return scrape_metric(self.http, name, labels, timeout=10)
 
     def stop(self) -> None:
         self.proc.terminate()

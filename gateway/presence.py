@@ -33,6 +33,8 @@ class PresenceReporter:
         self.members: set[tuple[str, str]] = set()
         self._ops: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(QUEUE_MAX)
         self._tasks: list[asyncio.Task[None]] = []
+        self._announced: set[tuple[str, str]] = set()
+        """Reported by ``announce``, not yet joined (``join`` does not report them again)."""
         self._queued = 0
         self._written = 0
         self._progress = asyncio.Event()
@@ -50,6 +52,9 @@ class PresenceReporter:
 
     def join(self, room: str, user: str) -> None:
         self.members.add((room, user))
+        if (room, user) in self._announced:  # reported a moment ago by ``announce``
+            self._announced.discard((room, user))
+            return
         self._enqueue("put", room, user)
 
     async def announce(self, room: str, user: str, within: float) -> None:
@@ -57,11 +62,11 @@ class PresenceReporter:
         on this gateway's NATS connection, ahead of anything it sends next: a join asks for
         the member list after this, so whoever is told ``joined`` is in the bucket before any
         later join asks (the presence service answers once its fold reached the bucket's
-        revision at query time). The join's own report (``join``) follows; a second put of
-        the same key changes nothing."""
+        revision at query time). The join that follows (``join``) does not report it again."""
         if (room, user) in self.members:
             return
         self._enqueue("put", room, user)
+        self._announced.add((room, user))
         target = self._queued
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
@@ -103,6 +108,9 @@ class PresenceReporter:
     async def _refresher(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
+            # An announced user whose join never followed (the client went away meanwhile)
+            # is forgotten here; its key expires with the TTL.
+            self._announced.clear()
             for room, user in list(self.members):
                 self._enqueue("put", room, user)
 

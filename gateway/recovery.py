@@ -166,7 +166,7 @@ async def replay(gw: Gateway, conn: Conn, room: str, since: int) -> None:
                 owed = held[0][1]
             else:
                 feed = gw.hub.room_feed(room)
-                owed = feed.last or 0 if feed is not None else 0
+                owed = (feed.last or 0) if feed is not None else 0
             if owed > cursor and await reader.get(owed) is not None:
                 metrics.READ_BEHIND.inc()
                 await asyncio.sleep(behind.next())

@@ -117,6 +117,20 @@ class RedisServer:
             self.proc.wait()
 
 
+def scrape_metric(http: str, name: str, labels: str = "", timeout: float = 5) -> float:
+    """Sum of the samples of ``name`` (those whose labels contain ``labels``) in the
+    Prometheus text a service serves at ``<http>/metrics``."""
+    total = 0.0
+    for line in httpx.get(f"{http}/metrics", timeout=timeout).text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        base, _, lab = key.partition("{")
+        if base == name and (not labels or labels in lab):
+            total += float(value)
+    return total
+
+
 @dataclass
 class ServiceProc:
     """``roombus <service>`` as a real subprocess with its own port and log file."""
@@ -176,16 +190,7 @@ class ServiceProc:
 
     def metric(self, name: str, labels: str = "") -> float:
         """Sum of a Prometheus sample (``name{labels}``) scraped from ``/metrics``."""
-        text = httpx.get(f"{self.http}/metrics", timeout=5).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            base, _, lab = key.partition("{")
-            if base == name and (not labels or labels in lab):
-                total += float(value)
-        return total
+        return scrape_metric(self.http, name, labels)
 
     def log(self) -> str:
         if self.log_path is None or not self.log_path.exists():
