@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -19,6 +20,31 @@ from websockets.asyncio.client import ClientConnection, connect
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def paced(rate: float, dur: float) -> AsyncIterator[tuple[int, str]]:
+    """``(n, client_id)`` for each send of a step: ``rate`` per second for ``dur`` seconds,
+    on schedule (late sends catch up). The ids are unique across steps (a reused id would be
+    deduplicated as a retry)."""
+    start = time.perf_counter()
+    interval = 1.0 / rate
+    n = 0
+    while True:
+        due = start + n * interval
+        now = time.perf_counter()
+        if now - start >= dur:
+            return
+        if due > now:
+            await asyncio.sleep(due - now)
+        yield n, f"{rate:g}-{start:.6f}-{n}"
+        n += 1
+
+
+async def answered(sent: int, answers: Callable[[], int], within: float = 10.0) -> None:
+    """Until every send of a step is answered (ack or error), at most ``within`` seconds."""
+    deadline = time.perf_counter() + within
+    while answers() < sent and time.perf_counter() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
 
 
 async def _open(kind: str, url: str, user: str, room: str) -> ClientConnection:
@@ -157,23 +183,12 @@ async def _storers(url: str, p: int, rate: float, dur: float) -> dict[str, Any]:
 
     readers = [asyncio.create_task(reader(ws)) for ws in pubs]
     sent = 0
-    start = time.perf_counter()
-    interval = 1.0 / rate
-    while True:
-        due = start + sent * interval
-        now = time.perf_counter()
-        if now - start >= dur:
-            break
-        if due > now:
-            await asyncio.sleep(due - now)
-        cid = f"{rate:g}-{start:.6f}-{sent}"  # unique across steps: a reused id is deduped
+    async for n, cid in paced(rate, dur):
         sent_at[cid] = time.perf_counter()
-        data = {"room": f"store{sent % p}", "text": f"stored {sent}", "client_id": cid}
-        await pubs[sent % p].send(orjson.dumps({"type": "chat.message", "data": data}).decode())
-        sent += 1
-    deadline = time.perf_counter() + 10.0
-    while len(acked) + sum(errors.values()) < sent and time.perf_counter() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
+        data = {"room": f"store{n % p}", "text": f"stored {n}", "client_id": cid}
+        await pubs[n % p].send(orjson.dumps({"type": "chat.message", "data": data}).decode())
+        sent = n + 1
+    await answered(sent, lambda: len(acked) + sum(errors.values()))
     for t in readers:
         t.cancel()
     for ws in pubs:

@@ -33,7 +33,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench.__main__ import ROOT, Server, cpu_s, passes, pct, search_max, settle
-from bench.loadgen import raise_nofile
+from bench.loadgen import answered, paced, raise_nofile
 from proto.shards import HistoryLayout
 from services.natsserver import NatsCluster
 from services.streamread import StreamReader
@@ -84,25 +84,14 @@ async def _senders(
 
     readers = [asyncio.create_task(reader(ws)) for ws in conns]
     sent = 0
-    start = time.perf_counter()
-    interval = 1.0 / rate
-    while True:
-        due = start + sent * interval
-        now = time.perf_counter()
-        if now - start >= dur:
-            break
-        if due > now:
-            await asyncio.sleep(due - now)
-        i = sent % len(conns)
-        room = mine[i][(sent // len(conns)) % len(mine[i])]
-        cid = f"{rate:g}-{start:.6f}-{sent}"  # unique across steps: a reused id is deduped
+    async for n, cid in paced(rate, dur):
+        i = n % len(conns)
+        room = mine[i][(n // len(conns)) % len(mine[i])]
         sent_at[cid] = (time.perf_counter(), room)
-        data = {"room": room, "text": f"stored {sent}", "client_id": cid}
+        data = {"room": room, "text": f"stored {n}", "client_id": cid}
         await conns[i].send(orjson.dumps({"type": "chat.message", "data": data}).decode())
-        sent += 1
-    deadline = time.perf_counter() + 10.0
-    while len(acks) + sum(errors.values()) < sent and time.perf_counter() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
+        sent = n + 1
+    await answered(sent, lambda: len(acks) + sum(errors.values()))
     for t in readers:
         t.cancel()
     for ws in conns:
