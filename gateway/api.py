@@ -14,14 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from proto import subjects
 from proto.bus import CLIENT_ID_MAX, TEXT_MAX
 from proto.errors import ErrorCode
-from proto.ids import new_id
 from proto.names import InvalidNameError, UserId, check_event_type, check_name
 
 from . import metrics
 from .publisher import NotStored, idempotency_key
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .core import Gateway
 
 
 class _Body(BaseModel):
@@ -134,9 +133,7 @@ def api_handlers(gw: Gateway) -> list[HTTPRouteHandler]:
             orjson.loads(raw)
         except orjson.JSONDecodeError:
             return _error(400, ErrorCode.BAD_FRAME, "the body must be JSON")
-        event_id = new_id()
-        # Events are live only (not stored): the id identifies this publish.
-        await gw.bus.nc.publish(subjects.event(event), raw, headers={"Nats-Msg-Id": event_id})
+        event_id = await gw.publisher.event(event, raw)
         metrics.API_REQUESTS.labels("202").inc()
         return Response({"id": event_id}, status_code=202)
 

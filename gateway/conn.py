@@ -6,17 +6,52 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 from proto.errors import CloseCode
 
 from . import metrics
-from .wire import text_frame
-
-if TYPE_CHECKING:
-    from .sinks import Sink
+from .framing import text_frame
 
 log = logging.getLogger("roombus.gateway.conn")
+
+
+class Sink(Protocol):
+    """The way out of one connection's buffer.
+
+    A sink that can write without waiting (``can_write``) takes frames in :meth:`write`,
+    straight from ``Conn.offer`` while nothing waits, and calls ``Conn.drain`` when it can take
+    more; one that cannot (``can_write`` is always False) is told by :meth:`wake` that frames
+    wait, and pulls them itself.
+    """
+
+    @property
+    def framed(self) -> bool:
+        """The sink writes WebSocket frames: a payload is framed before it is written or
+        buffered (once per fan-out, when the caller passes the frame it built)."""
+
+    @property
+    def abort(self) -> Callable[[], None] | None:
+        """Drops the socket at once (no close handshake), when the server offers it."""
+
+    def start(self, conn: Conn) -> None:
+        """Frames may flow from ``conn``."""
+
+    def can_write(self) -> bool:
+        """A write now would not block."""
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` now (only when :meth:`can_write`); False once the socket is gone."""
+
+    def wake(self) -> None:
+        """Frames wait in the buffer, or the connection closed: a sink that pulls looks."""
+
+    async def stop(self) -> None:
+        """No more frames."""
+
+    async def flush(self, conn: Conn, within: float) -> None:
+        """Wait (at most ``within`` seconds) until what ``conn`` buffered is written."""
 
 
 class Catch:
@@ -62,6 +97,10 @@ class Conn:
     Frames are UTF-8 JSON ``bytes``, encoded once by the caller; a fan-out also passes the
     WebSocket frame it built once (``wire``), so N clients cost N socket writes.
     """
+
+    ends_first: ClassVar[bool] = False
+    """Ended as shutdown begins, before the server waits for connections to close (an SSE
+    stream: nothing else would end it)."""
 
     __slots__ = (
         "user",

@@ -9,12 +9,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import orjson
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from proto import frames as f
 from proto import subjects
-from proto.bus import PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.frames import FrameError, encode_frame, error_frame
 from proto.svc import PresenceMembers
@@ -26,7 +23,7 @@ from .publisher import NotStored, idempotency_key
 from .recovery import join_stored, replay
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .core import Gateway
 
 log = logging.getLogger("roombus.gateway.handlers")
 
@@ -112,7 +109,7 @@ class Session:
             raise FrameError(ErrorCode.TOO_MANY_ROOMS, f"at most {gw.settings.max_rooms} rooms")
         if gw.settings.is_ephemeral(room):
             gw.hub.join(conn, room)
-            await gw.hub.subscribe_ephemeral(gw.bus.nc, room)
+            await gw.hub.subscribe_ephemeral(room)
             joined = await self.joined_data(room)
             self.send(encode_frame("joined", {**joined, "ephemeral": True}))
             return
@@ -160,11 +157,7 @@ class Session:
             metrics.DROPPED.labels("typing_rate").inc()
             return  # typing is a hint: extra signals are coalesced, not errors
         self.last_typing[room] = now
-        event = PresenceEvent(type="typing", room=room, user=self.conn.user, ts=utcnow())
-        await self.gw.bus.nc.publish(
-            subjects.room_presence(room), orjson.dumps(event.model_dump(mode="json"))
-        )
-        metrics.PUBLISHED.labels("typing").inc()
+        await self.gw.publisher.typing(room, self.conn.user)
 
     async def on_leave(self, data: f.RoomData) -> None:
         if not self.gw.hub.leave(self.conn, data.room):
@@ -315,25 +308,4 @@ class Session:
         self, subject: str, query: Mapping[str, object], what: str, within: float | None = None
     ) -> dict[str, object]:
         """Ask a backing service; its ``error`` replies become ``error`` frames."""
-        try:
-            msg = await self.gw.bus.nc.request(
-                subject, orjson.dumps(query), timeout=within or self.gw.settings.request_timeout
-            )
-        except (NoRespondersError, NatsTimeoutError, TimeoutError):
-            raise FrameError(ErrorCode.UNAVAILABLE, f"the {what} service did not answer") from None
-        try:
-            reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            raise FrameError(
-                ErrorCode.UNAVAILABLE, f"the {what} service answered garbage"
-            ) from None
-        if not isinstance(reply, dict):
-            raise FrameError(ErrorCode.UNAVAILABLE, f"the {what} service answered garbage")
-        err = reply.get("error")
-        if isinstance(err, dict):
-            try:
-                code = ErrorCode(str(err.get("code")))
-            except ValueError:
-                code = ErrorCode.UNAVAILABLE
-            raise FrameError(code, str(err.get("message", ""))[:300])
-        return reply
+        return await self.gw.ask(subject, query, what, within)

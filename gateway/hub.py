@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -17,15 +16,16 @@ from proto import subjects
 from proto.bus import PresenceEvent, parse_bus_chat
 from proto.errors import CloseCode
 from proto.frames import encode_frame
+from services.bus import CoreNats
 from services.logs import Malformed, RateLimitedLog
 from services.streamread import Reader
 
 from . import metrics
 from .conn import Conn
 from .feeds import Feed, Feeds, Route, inbox_frame, room_frame
+from .framing import text_frame
 from .interest import PENDING_BYTES, PENDING_MSGS
 from .presence import PresenceReporter
-from .wire import text_frame
 
 if TYPE_CHECKING:
     from .interest import Interest
@@ -58,6 +58,8 @@ class Hub:
         self.ephemeral: dict[str, Subscription | None] = {}
         """Ephemeral rooms with local members, and their raw-publish subscription."""
         self.is_ephemeral: Callable[[str], bool] = lambda room: False
+        self.nc: CoreNats | None = None
+        """The connection ephemeral rooms are subscribed on (set when the gateway serves)."""
         self._malformed = Malformed(
             RateLimitedLog(log), lambda kind: metrics.BUS_MALFORMED.labels(kind).inc()
         )
@@ -75,11 +77,12 @@ class Hub:
         if self.interest is not None and feed.subject[0] == "h":  # not a user's inbox
             await self.interest.wait(feed.name)
 
-    async def subscribe_ephemeral(self, nc: NATS, room: str) -> None:
+    async def subscribe_ephemeral(self, room: str) -> None:
         """The raw-publish subscription of an ephemeral room with local members (one per room)."""
         if room not in self.ephemeral or self.ephemeral[room] is not None:
             return
-        sub = await nc.subscribe(
+        assert self.nc is not None, "the gateway is not serving yet"
+        sub = await self.nc.subscribe(
             subjects.room_message(room),
             cb=self.on_ephemeral,
             pending_msgs_limit=PENDING_MSGS,

@@ -28,11 +28,11 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from proto import subjects
+from services.bus import CoreNats
 
 from . import metrics
 
@@ -81,7 +81,7 @@ class Interest:
         """How room traffic reaches this gateway now (what a new room's feed waits for)."""
         self.rooms: dict[str, _Room] = {}
         """Rooms with subscriptions of their own (lingering ones included)."""
-        self._nc: NATS | None = None
+        self._nc: CoreNats | None = None
         self._wild: list[Subscription] = []
         self._wild_sent = False
         self._changed = asyncio.Event()
@@ -89,7 +89,7 @@ class Interest:
         self._seen: dict[tuple[str, bytes], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, nc: NATS) -> None:
+    async def start(self, nc: CoreNats) -> None:
         self._nc = nc
         if self.mode == "wildcard":
             await self._subscribe_wildcards()

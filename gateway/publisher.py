@@ -13,12 +13,12 @@ from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
 from proto import subjects
-from proto.bus import ChatMessage, utcnow
+from proto.bus import ChatMessage, PresenceEvent, utcnow
 from proto.errors import ErrorCode
 from proto.ids import new_id
 from proto.svc import StoreAck
 from services.backoff import Backoff
-from services.bus import Bus
+from services.bus import CoreNats
 
 from . import metrics
 from .settings import GatewaySettings
@@ -70,8 +70,8 @@ class Publisher:
     acks the retry with the original's ``id`` and ``seq``.
     """
 
-    def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
-        self.bus = bus
+    def __init__(self, nc: CoreNats, settings: GatewaySettings) -> None:
+        self.nc = nc
         self.settings = settings
         self.storage_up = True
         """False since a send could not be stored (no history replica, refused, timed out),
@@ -104,16 +104,32 @@ class Publisher:
             client_id=client_id,
             verified=verified,
         )
-        await self.bus.nc.publish(
+        await self.nc.publish(
             subjects.room_message(room),
             orjson.dumps(msg.model_dump(mode="json", exclude_none=True)),
         )
         metrics.PUBLISHED.labels("ephemeral").inc()
         return msg
 
+    async def typing(self, room: str, user: str) -> None:
+        """A typing signal: live only, to everyone in the room (the sender included)."""
+        event = PresenceEvent(type="typing", room=room, user=user, ts=utcnow())
+        await self.nc.publish(
+            subjects.room_presence(room), orjson.dumps(event.model_dump(mode="json"))
+        )
+        metrics.PUBLISHED.labels("typing").inc()
+
+    async def event(self, event: str, raw: bytes) -> str:
+        """An application event (``/api/events/<type>``, raw JSON): live only, never stored;
+        returns the id that names this publish (its ``Nats-Msg-Id``)."""
+        event_id = new_id()
+        await self.nc.publish(subjects.event(event), raw, headers={"Nats-Msg-Id": event_id})
+        metrics.PUBLISHED.labels("event").inc()
+        return event_id
+
     async def store(self, subject: str, payload: bytes, key: str) -> StoreAck:
         """Publish and wait for the storage ack; raises :class:`NotStored`."""
-        nc = self.bus.nc
+        nc = self.nc
         headers = {"Nats-Msg-Id": key}
         deadline = time.monotonic() + self.settings.ack_deadline
         delay = self.settings.ack_timeout

@@ -19,7 +19,7 @@ from .conn import Catch, Conn
 from .feeds import BEHIND_MAX, room_frame
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .core import Gateway
     from .shards import Shard
 
 log = logging.getLogger("roombus.gateway.recovery")

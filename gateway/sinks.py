@@ -1,4 +1,4 @@
-"""Where a connection's frames go: a :class:`Sink` per kind of socket.
+"""Where a connection's frames go: a :class:`~gateway.conn.Sink` per kind of socket.
 
 :class:`~gateway.conn.Conn` holds the buffer and the slow-client policy, the same for every
 client; a sink is only the way out. The default server's protocol,
@@ -12,53 +12,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from proto.errors import CloseCode
 
 from .wire import from_scope
 
 if TYPE_CHECKING:
-    from .conn import Conn
+    from .conn import Conn, Sink
 
 Send = Callable[[Any], Awaitable[None]]
-
-
-class Sink(Protocol):
-    """The way out of one connection's buffer.
-
-    A sink that can write without waiting (``can_write``) takes frames in :meth:`write`,
-    straight from ``Conn.offer`` while nothing waits, and calls ``Conn.drain`` when it can take
-    more; one that cannot (``can_write`` is always False) is told by :meth:`wake` that frames
-    wait, and pulls them itself.
-    """
-
-    @property
-    def framed(self) -> bool:
-        """The sink writes WebSocket frames: a payload is framed before it is written or
-        buffered (once per fan-out, when the caller passes the frame it built)."""
-
-    @property
-    def abort(self) -> Callable[[], None] | None:
-        """Drops the socket at once (no close handshake), when the server offers it."""
-
-    def start(self, conn: Conn) -> None:
-        """Frames may flow from ``conn``."""
-
-    def can_write(self) -> bool:
-        """A write now would not block."""
-
-    def write(self, data: bytes) -> bool:
-        """Write ``data`` now (only when :meth:`can_write`); False once the socket is gone."""
-
-    def wake(self) -> None:
-        """Frames wait in the buffer, or the connection closed: a sink that pulls looks."""
-
-    async def stop(self) -> None:
-        """No more frames."""
-
-    async def flush(self, conn: Conn, within: float) -> None:
-        """Wait (at most ``within`` seconds) until what ``conn`` buffered is written."""
 
 
 class AsgiSink:

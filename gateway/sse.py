@@ -31,7 +31,7 @@ from .handlers import Session
 from .recovery import join_stored, replay
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .core import Gateway
 
 KEEPALIVE = 15.0
 HEADERS = [
@@ -98,6 +98,7 @@ class SseConn(Conn):
 
     __slots__ = ("positions",)
     positions: dict[str, int]
+    ends_first = True
 
     def offer(
         self,
@@ -289,7 +290,7 @@ async def _join_all(gw: Gateway, session: Session, rooms: list[str], last: dict[
     for room in rooms:
         if gw.settings.is_ephemeral(room):
             gw.hub.join(conn, room)
-            await gw.hub.subscribe_ephemeral(gw.bus.nc, room)
+            await gw.hub.subscribe_ephemeral(room)
             conn.offer(encode_frame("joined", {"room": room, "ephemeral": True}))
             continue
         try:

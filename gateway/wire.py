@@ -23,7 +23,6 @@ clear error naming the range, not an ``AttributeError`` on the first fan-out.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -105,20 +104,6 @@ SCOPE_KEY = "roombus.wire"
 
 LINGER = 1.0
 """Seconds a connection closed for a protocol error keeps reading (and discarding)."""
-
-_HEAD_SHORT = struct.Struct("!BB")
-_HEAD_MEDIUM = struct.Struct("!BBH")
-_HEAD_LONG = struct.Struct("!BBQ")
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A final, unmasked text frame (server to client) carrying ``payload`` (UTF-8 JSON)."""
-    n = len(payload)
-    if n < 126:
-        return _HEAD_SHORT.pack(0x81, n) + payload
-    if n < 65536:
-        return _HEAD_MEDIUM.pack(0x81, 126, n) + payload
-    return _HEAD_LONG.pack(0x81, 127, n) + payload
 
 
 class _Inbox:

@@ -22,7 +22,7 @@ from .handlers import Session
 from .sinks import websocket_sink
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .core import Gateway
 
 log = logging.getLogger("roombus.gateway.ws")
 

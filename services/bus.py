@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
@@ -22,6 +25,49 @@ log = logging.getLogger("roombus.bus")
 NATS_CONNECTED = Gauge("roombus_nats_connected", "1 while the NATS connection is up")
 NATS_RECONNECTS = Counter("roombus_nats_reconnects_total", "NATS reconnections")
 NATS_ERRORS = Counter("roombus_nats_errors_total", "Errors reported by the NATS client", ["kind"])
+
+
+class CoreNats(Protocol):
+    """The core-NATS part of a connection that a service's logic uses: publish, request,
+    subscribe, flush. The seam between that logic and the broker: nats-py's client is one
+    implementation, ``tests.support.membus.MemBus`` (in-process, for unit tests) the other.
+    JetStream and KV stay on :class:`Bus`."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None: ...
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,  # noqa: ASYNC109 - nats-py's signature
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg: ...
+
+    async def subscribe(
+        self,
+        subject: str,
+        queue: str = "",
+        cb: Callable[[Msg], Awaitable[None]] | None = None,
+        future: asyncio.Future[Any] | None = None,
+        max_msgs: int = 0,
+        pending_msgs_limit: int = ...,
+        pending_bytes_limit: int = ...,
+    ) -> Subscription: ...
+
+    async def flush(self, timeout: int = ...) -> None: ...  # noqa: ASYNC109
 
 
 @dataclass
@@ -126,4 +172,4 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
     return Bus(nc=nc, js=nc.jetstream(), settings=settings, on_reconnect=hooks)
 
 
-__all__ = ["Bus", "connect", "nats"]
+__all__ = ["Bus", "CoreNats", "connect", "nats"]

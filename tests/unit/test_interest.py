@@ -30,7 +30,7 @@ from tests.support.membus import MemBus, matches
 from tests.unit.test_room_delivery import WAIT, Client, _count, _now, _settle, soon
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
 
 ROOM = "lobby"
 

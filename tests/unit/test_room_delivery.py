@@ -31,7 +31,7 @@ from services.memstream import MemoryStream, Published
 from services.streamread import Reader, StreamReader
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
 
 ROOM = "lobby"
 KEY = subjects.history(ROOM)

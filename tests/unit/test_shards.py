@@ -28,7 +28,7 @@ from services.shards import PresentStream, layout_problem
 from tests.unit.test_room_delivery import Client, _msg, _now, soon
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
 
 # Fixed values: a room's shard must never change between processes, releases or languages
 # (sha256 of the UTF-8 name, first 8 bytes big-endian, modulo the shard count).

@@ -12,8 +12,9 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from gateway import main as gateway_main
+from gateway.framing import text_frame
 from gateway.settings import GatewaySettings
-from gateway.wire import text_frame, uvicorn_problem
+from gateway.wire import uvicorn_problem
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
