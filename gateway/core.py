@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from nats.errors import NoRespondersError
@@ -33,8 +33,9 @@ from services.shards import present_streams
 from services.streamread import StreamReader
 
 from .admission import Admission
-from .auth import Authenticator
+from .auth import Authenticator, Identity
 from .budget import QueryBudget
+from .conn import Conn, Sink
 from .hub import Hub
 from .interest import PENDING_BYTES, PENDING_MSGS, Interest
 from .presence import PresenceReporter
@@ -43,6 +44,8 @@ from .settings import GatewaySettings
 from .shards import Shards
 
 log = logging.getLogger("roombus.gateway")
+
+C = TypeVar("C", bound=Conn)
 
 
 class Gateway:
@@ -102,6 +105,25 @@ class Gateway:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def open(self, sink: Sink, identity: Identity, kind: type[C]) -> C:
+        """A connection of ``identity`` writing to ``sink``, with this gateway's bounds
+        (``SEND_QUEUE``, ``SEND_BUFFER_BYTES``, ``SLOW_CLIENT_TIMEOUT``, ``MAX_INFLIGHT``),
+        started and in the hub: every transport opens its connections here."""
+        s = self.settings
+        conn = kind(
+            sink,
+            identity.user,
+            identity.verified,
+            s.send_queue,
+            s.slow_client_timeout,
+            max_bytes=s.send_buffer_bytes,
+        )
+        conn.dms = identity.verified or s.insecure_dms
+        conn.inflight = asyncio.Semaphore(s.max_inflight)
+        conn.start()
+        self.hub.add(conn)
+        return conn
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = self._nc is not None and self._nc.is_connected

@@ -201,18 +201,9 @@ def _admit(
             400, ErrorCode.BAD_CURSOR.value, "Last-Event-ID is not a seq or room:seq list"
         ) from None
     ticket = gw.admission.enter(request.scope)
-    conn = SseConn(
-        SseSink(getattr(transport_of(request.scope), "abort", None)),
-        identity.user,
-        identity.verified,
-        s.send_queue,
-        s.slow_client_timeout,
-        max_bytes=s.send_buffer_bytes,
-    )
-    conn.dms = identity.verified or s.insecure_dms
+    sink = SseSink(getattr(transport_of(request.scope), "abort", None))
+    conn = gw.open(sink, identity, SseConn)
     conn.positions = dict.fromkeys(rooms, 0)
-    conn.start()
-    gw.hub.add(conn)
     metrics.SSE_STREAMS.inc()
     return conn, identity, rooms, events, last, ticket
 

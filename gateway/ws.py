@@ -134,26 +134,14 @@ async def _auth_frame(gw: Gateway, socket: WebSocket[Any, Any, Any]) -> str:
 
 
 async def _serve(gw: Gateway, socket: WebSocket[Any, Any, Any], ticket: Ticket) -> None:
-    s = gw.settings
     await socket.accept()
     try:
         identity = await _authenticate(gw, socket)
     except Refused as refused:
         await _refuse(socket, refused, accepted=True)
         return
-    conn = Conn(
-        websocket_sink(socket.scope, socket.send),
-        user=identity.user,
-        verified=identity.verified,
-        maxlen=s.send_queue,
-        slow_timeout=s.slow_client_timeout,
-        max_bytes=s.send_buffer_bytes,
-    )
-    conn.dms = identity.verified or s.insecure_dms
-    conn.inflight = asyncio.Semaphore(s.max_inflight)
-    conn.last_seen = time.monotonic()
-    conn.start()
-    gw.hub.add(conn)
+    conn = gw.open(websocket_sink(socket.scope, socket.send), identity, Conn)
+    conn.last_seen = time.monotonic()  # idle WebSockets are closed (IDLE_TIMEOUT)
     metrics.CONNECTIONS_TOTAL.inc()
     session = Session(gw, conn, identity)
     session.send(encode_frame("hello", {"user": identity.user, "verified": identity.verified}))

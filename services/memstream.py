@@ -69,6 +69,10 @@ class MemoryStream:
         self._msgs[seq] = (subject, data)
         return Published(seq, prev, subject, data)
 
+    def seqs(self, subject: str) -> list[int]:
+        """The sequences stored on ``subject`` now, in order."""
+        return list(self._by_subject.get(subject, ()))
+
     def expire(self, before: int) -> None:
         """Drop every message with a sequence below ``before`` (age or size limits)."""
         for seq in [s for s in self._seqs if s < before]:

@@ -1,7 +1,9 @@
-"""A core-NATS stand-in for in-process tests of the gateway's subscriptions: subjects with
-``*`` / ``>`` wildcards, one queue and one task per subscription calling its callback (as
-nats-py does), and a publish that reaches every matching subscription at once — so two
-overlapping subscriptions both get a copy, as on a real server.
+"""A core-NATS stand-in for in-process tests of the gateway (``services.bus.CoreNats``):
+subjects with ``*`` / ``>`` wildcards, one queue and one task per subscription calling its
+callback (as nats-py does), a publish that reaches every matching subscription at once — so
+two overlapping subscriptions both get a copy, as on a real server — queue groups (one member
+of a group gets each message), and requests (a reply inbox; "no responders" when nothing
+listens, a timeout when nothing answers).
 
 It models what :class:`gateway.interest.Interest` relies on: a subscription is in place as
 soon as ``subscribe`` returns (the server handles one connection's commands in order), and
@@ -13,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from types import SimpleNamespace
 from typing import Any
+
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 Callback = Callable[[Any], Awaitable[None]]
 
@@ -30,11 +34,33 @@ def matches(pattern: str, subject: str) -> bool:
     return len(want) == len(got)
 
 
+class MemMsg:
+    """A message as a subscription's callback gets it (what the gateway reads of nats-py's)."""
+
+    __slots__ = ("bus", "subject", "data", "headers", "reply")
+
+    def __init__(
+        self, bus: MemBus, subject: str, data: bytes, headers: dict[str, str] | None, reply: str
+    ) -> None:
+        self.bus, self.subject, self.data, self.headers, self.reply = (
+            bus,
+            subject,
+            data,
+            headers,
+            reply,
+        )
+
+    async def respond(self, data: bytes) -> None:
+        if self.reply:
+            self.bus.put(self.reply, data)
+
+
 class MemSub:
     """One subscription: its queue, and the task that hands each message to the callback."""
 
     def __init__(self, bus: MemBus, sid: int, subject: str, cb: Callback) -> None:
         self.bus, self.sid, self.subject, self.cb = bus, sid, subject, cb
+        self.queue_group = ""
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.received = 0
         self.running = asyncio.Event()
@@ -85,11 +111,21 @@ class MemBus:
         """Cleared: a subscribe waits before it is in place (a full pending buffer)."""
         self.subscribing.set()
         self._sid = 0
+        self._inbox = 0
+        self._replies: dict[str, asyncio.Future[MemMsg]] = {}
 
-    async def subscribe(self, subject: str, cb: Callback, **_limits: int) -> MemSub:
+    @property
+    def is_connected(self) -> bool:
+        return not self.is_closed
+
+    async def subscribe(
+        self, subject: str, queue: str = "", cb: Callback | None = None, **_limits: Any
+    ) -> MemSub:
+        assert cb is not None, "MemBus subscriptions take a callback"
         await self.subscribing.wait()
         self._sid += 1
         sub = self.subs[self._sid] = MemSub(self, self._sid, subject, cb)
+        sub.queue_group = queue
         self.subscribed.append(subject)
         return sub
 
@@ -106,15 +142,67 @@ class MemBus:
         """The subjects subscribed to now."""
         return sorted(sub.subject for sub in self.subs.values())
 
-    def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
-        """Queue a copy for every matching subscription; returns how many."""
+    def put(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
+    ) -> int:
+        """Queue a copy for every matching subscription (one per queue group); returns how
+        many. A publish to a request's reply inbox answers that request."""
+        waiter = self._replies.pop(subject, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(MemMsg(self, subject, data, headers, ""))
+            return 1
         n = 0
+        groups: set[str] = set()
         for sub in list(self.subs.values()):
-            if matches(sub.subject, subject):
-                sub.received += 1
-                sub.queue.put_nowait(SimpleNamespace(subject=subject, data=data, headers=headers))
-                n += 1
+            if not matches(sub.subject, subject):
+                continue
+            if sub.queue_group:
+                if sub.queue_group in groups:
+                    continue
+                groups.add(sub.queue_group)
+            sub.received += 1
+            sub.queue.put_nowait(MemMsg(self, subject, data, headers, reply))
+            n += 1
         return n
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._check_open()
+        self.put(subject, payload, headers, reply)
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,  # noqa: ASYNC109 - nats-py's signature
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> MemMsg:
+        """Publish with a reply inbox and wait for the first answer."""
+        self._check_open()
+        self._inbox += 1
+        inbox = f"_INBOX.mem.{self._inbox}"
+        waiter: asyncio.Future[MemMsg] = asyncio.get_running_loop().create_future()
+        self._replies[inbox] = waiter
+        try:
+            if not self.put(subject, payload, headers, inbox):
+                raise NoRespondersError
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            raise NatsTimeoutError from None
+        finally:
+            self._replies.pop(inbox, None)
+
+    def _check_open(self) -> None:
+        if self.is_closed:
+            raise ConnectionClosedError
 
     async def close(self) -> None:
         self.is_closed = True

@@ -73,11 +73,11 @@ class Gw:
         p = self.stream.publish(subjects.history(room), orjson.dumps(chat))
         self.sent.setdefault(room, []).append(p.seq)
         headers = {"Nats-Sequence": str(p.seq), "Nats-Last-Sequence": str(p.prev)}
-        return self.bus.publish(subjects.stored_room(room), p.data, headers)
+        return self.bus.put(subjects.stored_room(room), p.data, headers)
 
     def typing(self, room: str, user: str) -> int:
         event = {"type": "typing", "room": room, "user": user, "ts": _now()}
-        return self.bus.publish(subjects.room_presence(room), orjson.dumps(event))
+        return self.bus.put(subjects.room_presence(room), orjson.dumps(event))
 
     def join(self, user: str, room: str) -> Client:
         c = Client(user)

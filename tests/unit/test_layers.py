@@ -27,9 +27,7 @@ def _imports(module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: `from . import x` names modules, `from .x import y` one
                 base = node.module
-                found.update(
-                    [f".{base}"] if base else [f".{alias.name}" for alias in node.names]
-                )
+                found.update([f".{base}"] if base else [f".{alias.name}" for alias in node.names])
             elif node.module:
                 found.add(node.module)
     return found
