@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import orjson
 import pytest
@@ -37,6 +36,7 @@ from tests.support.procs import (
     RedisServer,
     ServiceProc,
     free_port,
+    http_get,
     until,
 )
 
@@ -120,12 +120,12 @@ async def redis_room(server: RedisServer, room: str) -> AsyncIterator[RedisRoom]
 
 
 def readyz(proc: ServiceProc) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"{proc.http}/readyz", timeout=2).json()
+    body: dict[str, Any] = http_get(f"{proc.http}/readyz", 2).json()
     return body
 
 
 def metrics_text(proc: ServiceProc) -> str:
-    return httpx.get(f"{proc.http}/metrics", timeout=5).text
+    return http_get(f"{proc.http}/metrics", 5).text
 
 
 async def start_bridges(

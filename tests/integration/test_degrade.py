@@ -10,19 +10,18 @@ import signal
 import time
 from collections import Counter
 
-import httpx
 import nats
 import pytest
 
 from tests.conftest import ServiceFactory
 from tests.support.client import Client
-from tests.support.procs import NatsServer, ServiceProc
+from tests.support.procs import NatsServer, ServiceProc, http_get
 from tests.support.stored import stored_messages
 from tests.support.wait import until
 
 
 def _readyz(proc: ServiceProc) -> dict[str, object]:
-    body: dict[str, object] = httpx.get(f"{proc.http}/readyz", timeout=5).json()
+    body: dict[str, object] = http_get(f"{proc.http}/readyz", 5).json()
     return body
 
 
