@@ -19,15 +19,7 @@ from tests.conftest import ServiceFactory
 from tests.integration.test_bridge import redis_cli, redis_room, start_bridges
 from tests.integration.test_history import assert_one_order, send_and_ack
 from tests.support.client import Client
-from tests.support.procs import (
-    NatsServer,
-    RedisServer,
-    ServiceProc,
-    all_ready,
-    http_get,
-    until,
-    wait_for,
-)
+from tests.support.procs import NatsServer, RedisServer, ServiceProc, http_get, until, wait_for
 from tests.support.stored import stored_messages
 
 SHARDS = 3
@@ -115,9 +107,8 @@ async def test_rooms_spread_over_three_shards_and_each_keeps_its_one_order(
     fresh_nats: NatsServer, services: ServiceFactory
 ) -> None:
     services("history", fresh_nats, HISTORY_SHARDS=SHARDS)
-    g1, g2 = all_ready(
-        *(services("gateway", fresh_nats, wait=False, HISTORY_SHARDS=SHARDS) for _ in range(2))
-    )
+    g1 = services("gateway", fresh_nats, HISTORY_SHARDS=SHARDS)
+    g2 = services("gateway", fresh_nats, HISTORY_SHARDS=SHARDS)
     rooms = rooms_in_every_shard(3)
     # What a `nats sub 'stored.>'` user sees: the single stream's subjects, whatever the shard.
     nc = await nats.connect(fresh_nats.url)
