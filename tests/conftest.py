@@ -151,15 +151,10 @@ class Stack:
         if presence:
             stack.presence = proc("presence")
         try:
-            # As ``services`` does: storage (and presence) ready before the gateways start;
-            # the two gateways start side by side.
-            stack.history.start()
-            if stack.presence is not None:
-                stack.presence.start()
-            for g in stack.gateways:
-                g.start(wait_ready=False)
-            for g in stack.gateways:
-                g.wait_ready()
+            # As ``services`` does: one after the other, storage (and presence) first.
+            presence_proc = [stack.presence] if stack.presence is not None else []
+            for service in [stack.history, *presence_proc, *stack.gateways]:
+                service.start()
         except BaseException:
             stack.stop()
             raise
