@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import ServiceProc, all_ready, wait_for
+from tests.support.procs import ServiceProc, wait_for
 
 try:
     import playwright  # noqa: F401
@@ -256,7 +256,7 @@ async def test_page_whose_gateway_restarts_shows_missed_messages_exactly_once(
 ) -> None:
     # Gateways of its own (one restarts) beside the shared history and presence services.
     nats = shared_presence_stack.nats
-    ga, gb = all_ready(*(services("gateway", nats, history=False, wait=False) for _ in range(2)))
+    ga, gb = (services("gateway", nats, history=False) for _ in range(2))
     alice = await open_chat(browser, ga, "alice", room)
     bob = await open_chat(browser, gb, "bob", room)
     await alice.say("before")
@@ -433,9 +433,7 @@ async def test_page_behind_a_load_balancer_fails_over_to_another_gateway_and_rep
     shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
     # Gateways of its own (one is stopped) beside the shared history service.
-    gateways = all_ready(
-        *(services("gateway", shared_stack.nats, history=False, wait=False) for _ in range(2))
-    )
+    gateways = [services("gateway", shared_stack.nats, history=False) for _ in range(2)]
     async with Balancer([g.port for g in gateways]) as lb:
         ctx = await browser.new_context()
         page = await ctx.new_page()

@@ -14,7 +14,6 @@ import pytest
 from tests.conftest import ServiceFactory, Stack
 from tests.e2e.test_browser import COUNT_SOCKETS, Chat, T
 from tests.support.client import Client
-from tests.support.procs import all_ready
 from tests.support.stored import stored_messages
 from tests.support.tcpproxy import TcpProxy
 
@@ -114,9 +113,7 @@ async def test_module_moves_to_the_next_gateway_on_restart_and_misses_nothing(
     shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
     # Gateways of its own (one is stopped) beside the shared history service.
-    ga, gb = all_ready(
-        *(services("gateway", shared_stack.nats, history=False, wait=False) for _ in range(2))
-    )
+    ga, gb = (services("gateway", shared_stack.nats, history=False) for _ in range(2))
     page = await browser.new_page()
     await page.goto(f"{ga.http}/healthz", timeout=T)
     urls = [f"ws://127.0.0.1:{ga.port}/ws", f"ws://127.0.0.1:{gb.port}/ws"]

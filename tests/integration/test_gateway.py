@@ -15,7 +15,7 @@ import pytest
 from proto.ids import is_id
 from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, all_ready, wait_for
+from tests.support.procs import NatsServer, wait_for
 
 
 async def test_message_sent_on_one_gateway_reaches_clients_on_another(
@@ -221,7 +221,7 @@ async def test_client_that_never_reads_does_not_delay_the_others(
 async def test_gateway_resumes_fanout_after_nats_restarts(
     fresh_nats: NatsServer, services: ServiceFactory, room: str
 ) -> None:
-    g1, g2 = all_ready(*(services("gateway", fresh_nats, wait=False) for _ in range(2)))
+    g1, g2 = services("gateway", fresh_nats), services("gateway", fresh_nats)
     a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
     await a.join(room)
     await b.join(room)
@@ -301,9 +301,8 @@ async def test_ephemeral_rooms_fan_out_live_without_storage(
 ) -> None:
     """`EPHEMERAL_ROOMS=live-*`: never stored, acked at once, no seq, no history needed."""
     env = {"EPHEMERAL_ROOMS": "live-*"}
-    g1, g2 = all_ready(
-        *(services("gateway", fresh_nats, history=False, wait=False, **env) for _ in range(2))
-    )
+    g1 = services("gateway", fresh_nats, history=False, **env)
+    g2 = services("gateway", fresh_nats, history=False, **env)
     live = f"live-{room}"
     a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
     joined = await a.join(live)

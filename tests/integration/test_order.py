@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ServiceFactory
 from tests.integration.test_history import assert_one_order
 from tests.support.client import Client
-from tests.support.procs import NatsServer, ServiceProc, all_ready
+from tests.support.procs import NatsServer, ServiceProc
 from tests.support.stored import stored_messages
 from tests.support.tcpproxy import TcpProxy
 
@@ -84,7 +84,7 @@ async def test_every_receiver_sees_the_stream_order_each_message_once(
     """3 gateways, 2 history replicas, 6 senders and 12 receivers over 3 rooms, 5,000 messages."""
     services("history", fresh_nats)
     services("history", fresh_nats)
-    gws = list(all_ready(*(services("gateway", fresh_nats, wait=False) for _ in range(3))))
+    gws = [services("gateway", fresh_nats) for _ in range(3)]
     rooms = [f"{room}-{i}" for i in range(3)]
     receivers = await _receivers(gws, rooms, 4)
     senders = []

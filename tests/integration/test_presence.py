@@ -16,7 +16,7 @@ from nats.js.errors import NoKeysError
 
 from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, all_ready, until
+from tests.support.procs import NatsServer, until
 
 
 def events(c: Client, room: str, kind: str) -> list[tuple[str, int]]:
@@ -98,9 +98,8 @@ async def test_users_of_a_killed_gateway_leave_within_the_ttl(
 ) -> None:
     ttl = 3
     services("presence", nats_server, PRESENCE_TTL=ttl)
-    g1, g2 = all_ready(
-        *(services("gateway", nats_server, wait=False, PRESENCE_TTL=ttl) for _ in range(2))
-    )
+    g1 = services("gateway", nats_server, PRESENCE_TTL=ttl)
+    g2 = services("gateway", nats_server, PRESENCE_TTL=ttl)
     watcher = await Client.open(g1.ws_url, "watcher")
     await watcher.join(room)
     doomed = [await Client.open(g2.ws_url, f"d{i}") for i in range(3)]
@@ -272,9 +271,8 @@ async def test_changes_made_while_presence_was_down_are_announced_once_after_its
 ) -> None:
     ttl = 2
     p = services("presence", fresh_nats, PRESENCE_TTL=ttl)
-    g1, g2 = all_ready(
-        *(services("gateway", fresh_nats, wait=False, PRESENCE_TTL=ttl) for _ in range(2))
-    )
+    g1 = services("gateway", fresh_nats, PRESENCE_TTL=ttl)
+    g2 = services("gateway", fresh_nats, PRESENCE_TTL=ttl)
     watcher = await Client.open(g1.ws_url, "watcher")
     await watcher.join(room)
     leavers = [await Client.open(g1.ws_url, f"l{i}") for i in range(5)]
@@ -336,7 +334,7 @@ async def test_presence_restarted_with_nothing_changed_announces_nothing(
     fresh_nats: NatsServer, services: ServiceFactory, room: str, stop: str
 ) -> None:
     p = services("presence", fresh_nats)
-    g1, g2 = all_ready(*(services("gateway", fresh_nats, wait=False) for _ in range(2)))
+    g1, g2 = services("gateway", fresh_nats), services("gateway", fresh_nats)
     users = [await Client.open(g.ws_url, f"u{i}") for i, g in enumerate([g1, g2] * 3)]
     watcher = users[0]
     await watcher.join(room)  # first: a member sees only the joins made after its own

@@ -26,7 +26,6 @@ __all__ = [
     "NatsServer",
     "RedisServer",
     "ServiceProc",
-    "all_ready",
     "free_port",
     "http_get",
     "port_free",
@@ -272,10 +271,3 @@ class ServiceProc:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-
-def all_ready(*procs: ServiceProc, timeout: float = 20.0) -> tuple[ServiceProc, ...]:
-    """Wait until each of ``procs`` (started side by side, ``wait_ready=False``) is ready."""
-    for proc in procs:
-        proc.wait_ready(timeout)
-    return procs
