@@ -20,9 +20,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, ServiceProc, wait_for
+from tests.support.procs import ServiceProc, wait_for
 
 try:
     import playwright  # noqa: F401
@@ -195,15 +195,9 @@ class Balancer:
 
 
 async def test_two_pages_on_two_gateways_chat_with_presence_typing_and_acks(
-    nats_server: NatsServer,
-    services: ServiceFactory,
-    browser: Browser,
-    room: str,
-    tmp_path: Path,
+    shared_presence_stack: Stack, browser: Browser, room: str, tmp_path: Path
 ) -> None:
-    services("history", nats_server)
-    services("presence", nats_server)
-    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    ga, gb = shared_presence_stack.gateways
     alice = await open_chat(browser, ga, "alice", room)
     bob = await open_chat(browser, gb, "bob", room)
 
@@ -258,11 +252,11 @@ async def test_two_pages_on_two_gateways_chat_with_presence_typing_and_acks(
 
 
 async def test_page_whose_gateway_restarts_shows_missed_messages_exactly_once(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_presence_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    services("presence", nats_server)
-    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    # Gateways of its own (one restarts) beside the shared history and presence services.
+    nats = shared_presence_stack.nats
+    ga, gb = (services("gateway", nats, history=False) for _ in range(2))
     alice = await open_chat(browser, ga, "alice", room)
     bob = await open_chat(browser, gb, "bob", room)
     await alice.say("before")
@@ -308,10 +302,9 @@ async def test_page_whose_gateway_restarts_shows_missed_messages_exactly_once(
 
 
 async def test_html_in_messages_is_shown_as_text(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    ga, gb = shared_stack.gateways
     alice = await open_chat(browser, ga, "alice", room)
     bob = await open_chat(browser, gb, "bob", room)
     payloads = [
@@ -332,10 +325,9 @@ async def test_html_in_messages_is_shown_as_text(
 
 
 async def test_scrolling_up_loads_older_history_pages(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     writer = await Client.open(g.ws_url, "carol")
     await writer.join(room)
     texts = [f"m{i:03d}" for i in range(120)]
@@ -362,10 +354,9 @@ async def test_scrolling_up_loads_older_history_pages(
 
 
 async def test_unread_counts_rooms_and_gateway_errors_are_shown(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    g = services("gateway", nats_server, TEXT_MAX=40)
+    g = services("gateway", shared_stack.nats, history=False, TEXT_MAX=40)
     other = room + "b"
     chat = await open_chat(browser, g, "erin", room)
     page = chat.page
@@ -407,11 +398,10 @@ async def test_unread_counts_rooms_and_gateway_errors_are_shown(
 
 
 async def test_signed_token_names_the_user_and_a_bad_token_stops_retrying(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
     secret = "browser-test-secret-0123456789abcdef"
-    g = services("gateway", nats_server, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
+    g = services("gateway", shared_stack.nats, history=False, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
     token = jwt.encode({"sub": "grace", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
     # The token rides in the fragment (never sent in a URL) and goes out in the `auth` frame.
     ctx = await browser.new_context()
@@ -440,10 +430,10 @@ async def test_signed_token_names_the_user_and_a_bad_token_stops_retrying(
 
 
 async def test_page_behind_a_load_balancer_fails_over_to_another_gateway_and_replays(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    gateways = [services("gateway", nats_server), services("gateway", nats_server)]
+    # Gateways of its own (one is stopped) beside the shared history service.
+    gateways = [services("gateway", shared_stack.nats, history=False) for _ in range(2)]
     async with Balancer([g.port for g in gateways]) as lb:
         ctx = await browser.new_context()
         page = await ctx.new_page()
@@ -486,11 +476,10 @@ async def test_page_behind_a_load_balancer_fails_over_to_another_gateway_and_rep
 
 
 async def test_a_reading_only_page_outlives_the_gateway_idle_timeout(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
     # No presence service: the keepalive's presence queries fail, quietly.
-    services("history", nats_server)
-    g = services("gateway", nats_server, IDLE_TIMEOUT=3)
+    g = services("gateway", shared_stack.nats, history=False, IDLE_TIMEOUT=3)
     ctx = await browser.new_context()
     page = await ctx.new_page()
     await page.add_init_script(COUNT_SOCKETS)

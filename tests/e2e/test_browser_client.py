@@ -11,10 +11,9 @@ import time
 import jwt
 import pytest
 
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.e2e.test_browser import COUNT_SOCKETS, Chat, T
 from tests.support.client import Client
-from tests.support.procs import NatsServer
 from tests.support.stored import stored_messages
 from tests.support.tcpproxy import TcpProxy
 
@@ -61,10 +60,9 @@ async def wait_js(page: Page, expr: str, timeout: float = T) -> None:
 
 
 async def test_page_offline_then_online_shows_what_others_sent_once_and_acks_its_send_once(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     proxy = await TcpProxy(g.port).start()  # the page's network
     try:
         ctx = await browser.new_context()
@@ -100,7 +98,7 @@ async def test_page_offline_then_online_shows_what_others_sent_once_and_acks_its
         await omar.wait_texts(["written offline"], room)
         await asyncio.sleep(1.0)  # a late duplicate would show now
         assert await chat.texts().all_text_contents() == everything
-        stored = [m["text"] for m in await stored_messages(nats_server.url, room)]
+        stored = [m["text"] for m in await stored_messages(shared_stack.nats.url, room)]
         assert stored == everything  # the offline send stored once, after the others
         acks: dict[str, int] = await page.evaluate("window.__acks")
         cid = await chat.msgs("written offline").get_attribute("data-client-id")
@@ -112,10 +110,10 @@ async def test_page_offline_then_online_shows_what_others_sent_once_and_acks_its
 
 
 async def test_module_moves_to_the_next_gateway_on_restart_and_misses_nothing(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
-    ga, gb = services("gateway", nats_server), services("gateway", nats_server)
+    # Gateways of its own (one is stopped) beside the shared history service.
+    ga, gb = (services("gateway", shared_stack.nats, history=False) for _ in range(2))
     page = await browser.new_page()
     await page.goto(f"{ga.http}/healthz", timeout=T)
     urls = [f"ws://127.0.0.1:{ga.port}/ws", f"ws://127.0.0.1:{gb.port}/ws"]
@@ -135,7 +133,7 @@ async def test_module_moves_to_the_next_gateway_on_restart_and_misses_nothing(
     await wait_js(page, f"window.__c.url === {urls[1]!r} && window.__c.online")
     await wait_js(page, "window.__got.length === 31")
     ack = await page.evaluate("window.__sent")
-    stored = await stored_messages(nats_server.url, room)
+    stored = await stored_messages(shared_stack.nats.url, room)
     assert len(stored) == 31 and ack["seq"] in {m["seq"] for m in stored}
     assert await got(page) == [[m["seq"], m["text"]] for m in stored]  # once, in stream order
     states: list[str] = await page.evaluate("window.__states")
@@ -145,11 +143,10 @@ async def test_module_moves_to_the_next_gateway_on_restart_and_misses_nothing(
 
 
 async def test_module_refreshes_an_expired_token_through_its_callback(
-    nats_server: NatsServer, services: ServiceFactory, browser: Browser, room: str
+    shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:
-    services("history", nats_server)
     secret = "browser-client-secret-0123456789abcdef"
-    g = services("gateway", nats_server, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
+    g = services("gateway", shared_stack.nats, history=False, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
     now = int(time.time())
     tokens = [
         jwt.encode({"sub": "rae", "exp": now + 3}, secret, algorithm="HS256"),

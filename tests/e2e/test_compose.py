@@ -112,6 +112,7 @@ def _why_not_docker() -> str | None:
 
 
 @pytest.mark.docker
+@pytest.mark.slow  # ~50 s: installs/starts dockerd, builds the image; `make test` and CI run it
 @pytest.mark.timeout(900)
 def test_compose_stack_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     reason = _why_not_docker()

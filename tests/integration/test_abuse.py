@@ -22,9 +22,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, ServiceProc
+from tests.support.procs import ServiceProc
 from tests.support.rawws import RawWs
 from tests.support.wait import until
 
@@ -139,10 +139,10 @@ async def honest_client_chats(gw: ServiceProc) -> None:
 
 @pytest.fixture
 def stack(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> Iterator[tuple[ServiceProc, ServiceFactory]]:
-    services("history", nats_server)
-    yield services("gateway", nats_server, SLOW_CLIENT_TIMEOUT=2), services
+    """A gateway of the test's own (its memory is measured) on the shared history service."""
+    yield services("gateway", shared_stack.nats, history=False, SLOW_CLIENT_TIMEOUT=2), services
 
 
 async def fill_room(gw: ServiceProc, room: str, n: int, size: int) -> None:
@@ -246,25 +246,28 @@ async def _opened(gw: ServiceProc, n: int) -> list[int | None]:
 
 
 async def test_forged_x_forwarded_for_does_not_bypass_the_per_address_limit(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
-    gw = services("gateway", nats_server, MAX_CONNECTIONS_PER_IP=3)
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
+    gw = services("gateway", nats, history=False, MAX_CONNECTIONS_PER_IP=3)
     assert await _opened(gw, 4) == [None, None, None, 4029]
 
 
 async def test_x_forwarded_for_is_honoured_from_a_configured_proxy(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
     gw = services(
-        "gateway", nats_server, MAX_CONNECTIONS_PER_IP=3, FORWARDED_ALLOWED_IPS="127.0.0.1"
+        "gateway", nats, history=False, MAX_CONNECTIONS_PER_IP=3, FORWARDED_ALLOWED_IPS="127.0.0.1"
     )
     assert await _opened(gw, 4) == [None, None, None, None]
 
 
 async def test_silent_and_half_sent_requests_from_one_address_do_not_lock_others_out(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
-    gw = services("gateway", nats_server, HANDSHAKE_TIMEOUT=3, MAX_PENDING_PER_IP=32)
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
+    gw = services("gateway", nats, history=False, HANDSHAKE_TIMEOUT=3, MAX_PENDING_PER_IP=32)
     # 300 silent + 300 half-header connections from 127.0.0.2 (one attacking address).
     half = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nX-Slow: "
     socks = [never_reads(gw.port, b"" if i % 2 else half, "127.0.0.2") for i in range(600)]
@@ -283,10 +286,10 @@ async def test_silent_and_half_sent_requests_from_one_address_do_not_lock_others
 
 
 async def test_dms_are_forbidden_for_self_named_users_by_default(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
-    services("history", nats_server)
-    gw = services("gateway", nats_server, INSECURE_DMS="false", API_KEYS="k1")
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
+    gw = services("gateway", nats, history=False, INSECURE_DMS="false", API_KEYS="k1")
     bob = await Client.open(gw.ws_url, "bob")
     await bob.send("dm", to="alice", text="hi")
     await bob.error("forbidden")
@@ -307,10 +310,11 @@ async def test_dms_are_forbidden_for_self_named_users_by_default(
 
 
 async def test_sse_per_address_limit_holds_for_concurrent_requests(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
     # (40 connections at once, each pending until its headers: under the pending cap too)
-    gw = services("gateway", nats_server, MAX_CONNECTIONS_PER_IP=5, MAX_PENDING_PER_IP=100)
+    gw = services("gateway", nats, history=False, MAX_CONNECTIONS_PER_IP=5, MAX_PENDING_PER_IP=100)
     statuses: list[int] = []
     opened = asyncio.Event()
 
@@ -328,9 +332,10 @@ async def test_sse_per_address_limit_holds_for_concurrent_requests(
 
 
 async def test_a_client_still_writing_reads_the_1009_close_code(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
-    gw = services("gateway", nats_server, MAX_FRAME_BYTES=16384)
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
+    gw = services("gateway", nats, history=False, MAX_FRAME_BYTES=16384)
     raw = await asyncio.to_thread(RawWs, gw.port, "/ws?user=big")
     assert raw.status == 101
     await asyncio.to_thread(raw.read_frame)  # hello
@@ -350,11 +355,12 @@ async def test_a_client_still_writing_reads_the_1009_close_code(
 
 
 async def test_a_burst_of_1000_joins_is_read_at_the_rate_limit_not_discarded_wholesale(
-    nats_server: NatsServer, services: ServiceFactory
+    shared_stack: Stack, services: ServiceFactory
 ) -> None:
+    nats = shared_stack.nats  # the shared history service; the gateway is the test's own
     # Before: the reader woke a little early from its rate-limit sleep (uvloop's clock) and
     # dropped frame after frame: 889 of 1,000 discarded in ~4 s, 111 answered, then silence.
-    gw = services("gateway", nats_server, RATE_LIMIT=200, RATE_BURST=10)
+    gw = services("gateway", nats, history=False, RATE_LIMIT=200, RATE_BURST=10)
     c = await Client.open(gw.ws_url, "burst")
     join = json.dumps({"type": "join", "data": {"room": "lobby"}})
     for _ in range(1000):

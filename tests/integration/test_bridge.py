@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import orjson
 import pytest
@@ -29,7 +28,7 @@ from proto import subjects
 from proto.bus import ChatMessage, utcnow
 from proto.ids import is_id, new_id
 from proto.redis import RedisEnvelopeOut, channel, envelope, parse_channel, parse_redis_payload
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client, open_when_up
 from tests.support.procs import (
     ROOT,
@@ -37,6 +36,7 @@ from tests.support.procs import (
     RedisServer,
     ServiceProc,
     free_port,
+    http_get,
     until,
 )
 
@@ -120,12 +120,12 @@ async def redis_room(server: RedisServer, room: str) -> AsyncIterator[RedisRoom]
 
 
 def readyz(proc: ServiceProc) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"{proc.http}/readyz", timeout=2).json()
+    body: dict[str, Any] = http_get(f"{proc.http}/readyz", 2).json()
     return body
 
 
 def metrics_text(proc: ServiceProc) -> str:
-    return httpx.get(f"{proc.http}/metrics", timeout=5).text
+    return http_get(f"{proc.http}/metrics", 5).text
 
 
 async def start_bridges(
@@ -144,10 +144,10 @@ def gateway(services: ServiceFactory, nats: NatsServer, **env: object) -> Servic
 
 
 async def test_redis_cli_publish_reaches_clients_on_two_gateways_once(
-    nats_server: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
+    shared_stack: Stack, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
-    await start_bridges(services, nats_server, redis_server)
-    g1, g2 = gateway(services, nats_server), gateway(services, nats_server)
+    await start_bridges(services, shared_stack.nats, redis_server)
+    g1, g2 = shared_stack.gateways
     clients = [await Client.open(g.ws_url, f"u{i}") for i, g in enumerate((g1, g2, g1))]
     for c in clients:
         await c.join(room)
@@ -167,10 +167,10 @@ async def test_redis_cli_publish_reaches_clients_on_two_gateways_once(
 
 
 async def test_websocket_message_reaches_redis_subscriber_once_and_nothing_echoes(
-    nats_server: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
+    shared_stack: Stack, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
-    await start_bridges(services, nats_server, redis_server)
-    g1, g2 = gateway(services, nats_server), gateway(services, nats_server)
+    await start_bridges(services, shared_stack.nats, redis_server)
+    g1, g2 = shared_stack.gateways
     alice, bob = await Client.open(g1.ws_url, "alice"), await Client.open(g2.ws_url, "bob")
     await alice.join(room)
     await bob.join(room)
@@ -198,12 +198,11 @@ async def test_websocket_message_reaches_redis_subscriber_once_and_nothing_echoe
 
 
 async def test_two_bridge_replicas_give_one_copy_each_way(
-    nats_server: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
+    shared_stack: Stack, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
-    bridges = await start_bridges(services, nats_server, redis_server, n=2)
+    bridges = await start_bridges(services, shared_stack.nats, redis_server, n=2)
     # The queue group spreads the stored messages over both replicas: each reaches one.
-    g1 = services("gateway", nats_server)
-    g2 = gateway(services, nats_server)
+    g1, g2 = shared_stack.gateways
     a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
     await a.join(room)
     await b.join(room)
@@ -308,10 +307,10 @@ async def test_bridge_recovers_when_nats_server_restarts(
 
 
 async def test_bad_payloads_and_room_names_from_redis_are_dropped_and_counted(
-    nats_server: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
+    shared_stack: Stack, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
-    (bridge,) = await start_bridges(services, nats_server, redis_server)
-    g = gateway(services, nats_server)
+    (bridge,) = await start_bridges(services, shared_stack.nats, redis_server)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "c")
     await c.join(room)
     ch = f"room:{room}"
@@ -375,11 +374,11 @@ async def test_bad_payloads_and_room_names_from_redis_are_dropped_and_counted(
 
 
 async def test_bridge_rooms_setting_limits_what_crosses(
-    nats_server: NatsServer, redis_server: RedisServer, services: ServiceFactory, room: str
+    shared_stack: Stack, redis_server: RedisServer, services: ServiceFactory, room: str
 ) -> None:
     other = room + "x"
-    await start_bridges(services, nats_server, redis_server, BRIDGE_ROOMS=room)
-    g = gateway(services, nats_server)
+    await start_bridges(services, shared_stack.nats, redis_server, BRIDGE_ROOMS=room)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "c")
     await c.join(room)
     await c.join(other)

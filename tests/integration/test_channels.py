@@ -11,9 +11,9 @@ import httpx
 import nats
 import pytest
 
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, ServiceProc
+from tests.support.procs import ServiceProc
 from tests.support.stored import stored_messages
 
 API_KEY = "k-" + "x" * 30
@@ -23,11 +23,8 @@ def dms(c: Client) -> list[str]:
     return [f["data"]["text"] for f in c.frames if f["type"] == "dm"]
 
 
-async def test_a_dm_reaches_every_tab_of_both_parties_and_no_one_else(
-    nats_server: NatsServer, services: ServiceFactory
-) -> None:
-    services("history", nats_server)
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+async def test_a_dm_reaches_every_tab_of_both_parties_and_no_one_else(shared_stack: Stack) -> None:
+    g1, g2 = shared_stack.gateways
     bob_tab1, bob_tab2 = await Client.open(g1.ws_url, "bob"), await Client.open(g2.ws_url, "bob")
     alice_tab1 = await Client.open(g1.ws_url, "alice")
     alice_tab2 = await Client.open(g2.ws_url, "alice")
@@ -43,11 +40,8 @@ async def test_a_dm_reaches_every_tab_of_both_parties_and_no_one_else(
     await carol.wait(lambda _: dms(carol) == ["hi carol"], 10, "carol's own dm")
 
 
-async def test_dms_are_stored_and_each_user_reads_only_their_own(
-    nats_server: NatsServer, services: ServiceFactory
-) -> None:
-    services("history", nats_server)
-    g = services("gateway", nats_server)
+async def test_dms_are_stored_and_each_user_reads_only_their_own(shared_stack: Stack) -> None:
+    g = shared_stack.gateway
     dave, erin, frank = [await Client.open(g.ws_url, u) for u in ("dave", "erin", "frank")]
     for i in range(3):
         await dave.send("dm", to="erin", text=f"d->e {i}", client_id=f"de{i}")
@@ -77,10 +71,8 @@ async def test_dms_are_stored_and_each_user_reads_only_their_own(
     assert [m["prev"] for m in live[1:]] == seqs[:-1]
 
 
-async def test_nats_pub_event_reaches_subscribers_only(
-    nats_server: NatsServer, services: ServiceFactory
-) -> None:
-    g = services("gateway", nats_server)
+async def test_nats_pub_event_reaches_subscribers_only(shared_stack: Stack) -> None:
+    g = shared_stack.gateway
     sub, other = await Client.open(g.ws_url, "sub"), await Client.open(g.ws_url, "other")
     await sub.send("subscribe", events=["order.created"])
     assert (await sub.next("subscribed"))["data"]["events"] == ["order.created"]
@@ -90,7 +82,7 @@ async def test_nats_pub_event_reaches_subscribers_only(
         async with http.stream("GET", f"{g.http}/sse?events=order.created&user=watch") as sse:
             lines = sse.aiter_lines()
             assert await anext(lines) == "retry: 2000"
-            nc = await nats.connect(nats_server.url)
+            nc = await nats.connect(shared_stack.nats.url)
             await nc.publish("event.order.created", b'{"order": 42}')
             await nc.publish("event.order.shipped", b'{"order": 41}')
             await nc.publish("event.order.created", b"not json")  # dropped
@@ -160,10 +152,9 @@ async def _read_sse(
 
 
 async def test_eventsource_reconnect_with_last_event_id_gets_exactly_what_it_missed(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    services("history", nats_server)
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     sender = await Client.open(g.ws_url, "sender")
     await sender.join(room)
     connected = asyncio.Event()
@@ -188,10 +179,10 @@ async def test_eventsource_reconnect_with_last_event_id_gets_exactly_what_it_mis
 
 
 async def test_eventsource_over_two_rooms_resumes_each_room_exactly(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
     """With several rooms the event id is every room's position (``a:12,b:40``)."""
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     a, b = f"{room}a", f"{room}b"
     sender = await Client.open(g.ws_url, "sender")
     await sender.join(a)
@@ -220,11 +211,8 @@ async def test_eventsource_over_two_rooms_resumes_each_room_exactly(
         assert texts == [t for rr, t in missed if rr == r]
 
 
-async def test_http_publish_api(
-    nats_server: NatsServer, services: ServiceFactory, room: str
-) -> None:
-    services("history", nats_server)
-    g = services("gateway", nats_server, API_KEYS=f"other,{API_KEY}")
+async def test_http_publish_api(shared_stack: Stack, services: ServiceFactory, room: str) -> None:
+    g = services("gateway", shared_stack.nats, history=False, API_KEYS=f"other,{API_KEY}")
     c = await Client.open(g.ws_url, "reader")
     await c.join(room)
     url = f"{g.http}/api/rooms/{room}/messages"
@@ -258,16 +246,14 @@ async def test_http_publish_api(
     assert c.of("chat.message")[0]["data"]["id"] == msg_id
     await c.wait(lambda _: dms(c) == ["ping"], 10, "notification")
     assert next(f for f in c.frames if f["type"] == "dm")["data"]["from"] == "system"
-    stored = await stored_messages(nats_server.url, room)
+    stored = await stored_messages(shared_stack.nats.url, room)
     assert [m["id"] for m in stored] == [msg_id]
     assert c.of("chat.message")[0]["data"]["seq"] == stored[0]["seq"]
 
 
 @pytest.mark.parametrize("query", ["rooms=a.b", "events=x..y", "rooms=ok&last_event_id=nope"])
-async def test_sse_rejects_bad_names_and_cursors(
-    nats_server: NatsServer, services: ServiceFactory, query: str
-) -> None:
-    g = services("gateway", nats_server)
+async def test_sse_rejects_bad_names_and_cursors(shared_stack: Stack, query: str) -> None:
+    g = shared_stack.gateway
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.get(f"{g.http}/sse?{query}")
     assert r.status_code == 400

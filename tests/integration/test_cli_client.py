@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServiceFactory
+from tests.conftest import Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer
 
 ROOMBUS = str(Path(sys.executable).with_name("roombus"))
 pytestmark = pytest.mark.timeout(120)
@@ -40,9 +39,9 @@ async def read_until(fd: int, want: str, buf: list[str], timeout: float = 20.0) 
 
 
 async def test_tail_prints_what_a_websocket_client_sends_and_send_is_acked(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     url = f"ws://127.0.0.1:{g.port}/ws"
     tail = subprocess.Popen(
         [ROOMBUS, "tail", room, "--url", url, "--json", "--user", "tailer"],
@@ -84,10 +83,9 @@ async def test_tail_prints_what_a_websocket_client_sends_and_send_is_acked(
 
 
 async def test_chat_in_a_pseudo_terminal_sends_receives_and_shows_typing_and_presence(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_presence_stack: Stack, room: str
 ) -> None:
-    services("presence", nats_server)
-    g = services("gateway", nats_server)
+    g = shared_presence_stack.gateway
     other = await Client.open(g.ws_url, "olga")
     await other.join(room)
     pid, fd = pty.fork()

@@ -12,7 +12,7 @@ import nats
 import pytest
 from roombus_client import Ack, ChatMessage, Client, NotRecovered, Room, SendRefused, Unauthorized
 
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.procs import NatsServer
 from tests.support.stored import stored_messages
 
@@ -51,10 +51,9 @@ async def wait_until(cond: object, timeout: float, what: str) -> None:
 
 
 async def test_send_receive_history_presence_typing_dm_and_events(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_presence_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
-    services("presence", nats_server)
-    g = services("gateway", nats_server, TEXT_MAX=40)
+    g = services("gateway", shared_presence_stack.nats, history=False, TEXT_MAX=40)
     async with (
         Client(ws(g.port), user="ann") as a,
         Client([ws(g.port)], user="ben") as b,
@@ -86,7 +85,7 @@ async def test_send_receive_history_presence_typing_dm_and_events(
             assert (dm.sender, dm.text, dm.id) == ("cat", "psst", ack.id)
             break
         events = await d.subscribe(["order.created"])
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(shared_presence_stack.nats.url)
         try:
             for _ in range(50):  # the subscription reaches the gateway asynchronously
                 await nc.publish("event.order.created", b'{"order": 42}')
@@ -118,10 +117,10 @@ async def test_a_send_refused_as_unavailable_is_resent_until_stored(
 
 
 async def test_expired_token_is_refreshed_through_the_provider(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
     secret = "client-test-secret-0123456789abcdef"
-    g = services("gateway", nats_server, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
+    g = services("gateway", shared_stack.nats, history=False, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
     calls: list[float] = []
 
     def fresh() -> str:

@@ -232,7 +232,10 @@ async def test_kill_9_of_the_history_leader_node_loses_no_acked_message(
         others = [n for n in nats_cluster.nodes if n is not victim]
         while True:
             for n in others:
-                name = await asyncio.to_thread(local_leader_view, n, HISTORY)
+                try:
+                    name = await asyncio.to_thread(local_leader_view, n, HISTORY)
+                except OSError:  # its /jsz did not answer within 2 s (a loaded machine): poll on
+                    continue
                 if name and name != victim.name:
                     return name, time.monotonic() - t_kill
             await asyncio.sleep(0.05)

@@ -10,19 +10,18 @@ import signal
 import time
 from collections import Counter
 
-import httpx
 import nats
 import pytest
 
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, ServiceProc
+from tests.support.procs import NatsServer, ServiceProc, http_get
 from tests.support.stored import stored_messages
 from tests.support.wait import until
 
 
 def _readyz(proc: ServiceProc) -> dict[str, object]:
-    body: dict[str, object] = httpx.get(f"{proc.http}/readyz", timeout=5).json()
+    body: dict[str, object] = http_get(f"{proc.http}/readyz", 5).json()
     return body
 
 
@@ -177,10 +176,10 @@ async def test_an_honest_client_is_never_rate_limited_through_a_broker_outage(
 
 
 async def test_big_history_pages_are_cut_by_bytes_and_say_has_more(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
     """100 messages of 4,000 non-ASCII characters are ~800 KB: over what one reply may carry."""
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "big")
     await c.join(room)
     texts = [f"{i:03d}" + "é" * 3996 for i in range(100)]

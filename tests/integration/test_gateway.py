@@ -13,15 +13,15 @@ import nats
 import pytest
 
 from proto.ids import is_id
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
 from tests.support.procs import NatsServer, wait_for
 
 
 async def test_message_sent_on_one_gateway_reaches_clients_on_another(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+    g1, g2 = shared_stack.gateways
     clients = [await Client.open(g.ws_url, f"u{i}") for i, g in enumerate((g1, g2, g1, g2))]
     for c in clients:
         await c.join(room)
@@ -41,12 +41,12 @@ async def test_message_sent_on_one_gateway_reaches_clients_on_another(
 
 @pytest.mark.parametrize("protocol", ["websockets-sansio", "websockets"])
 async def test_every_websocket_implementation_speaks_the_same_protocol(
-    nats_server: NatsServer, services: ServiceFactory, room: str, protocol: str
+    shared_stack: Stack, services: ServiceFactory, room: str, protocol: str
 ) -> None:
     """The default (`direct`: frames written straight to the socket) beside uvicorn's own
     implementations (every frame through ASGI): the same frames, both ways, long ones too."""
-    fast = services("gateway", nats_server)
-    other = services("gateway", nats_server, WS_PROTOCOL=protocol)
+    fast = shared_stack.gateway
+    other = services("gateway", shared_stack.nats, history=False, WS_PROTOCOL=protocol)
     a, b = await Client.open(fast.ws_url, "a"), await Client.open(other.ws_url, "b")
     await a.join(room)
     await b.join(room)
@@ -58,10 +58,8 @@ async def test_every_websocket_implementation_speaks_the_same_protocol(
         assert sorted(c.texts(room)) == sorted(["from direct", long])
 
 
-async def test_rooms_are_isolated(
-    nats_server: NatsServer, services: ServiceFactory, room: str
-) -> None:
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+async def test_rooms_are_isolated(shared_stack: Stack, room: str) -> None:
+    g1, g2 = shared_stack.gateways
     a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
     other = room + "x"
     await a.join(room)
@@ -79,10 +77,8 @@ async def test_rooms_are_isolated(
     assert b.texts() == ["only for other", "marker"]
 
 
-async def test_one_connection_in_several_rooms_and_leave(
-    nats_server: NatsServer, services: ServiceFactory, room: str
-) -> None:
-    g = services("gateway", nats_server)
+async def test_one_connection_in_several_rooms_and_leave(shared_stack: Stack, room: str) -> None:
+    g = shared_stack.gateway
     multi, x, y = [await Client.open(g.ws_url, n) for n in ("multi", "x", "y")]
     rx, ry = room + "x", room + "y"
     await multi.join(rx)
@@ -103,10 +99,8 @@ async def test_one_connection_in_several_rooms_and_leave(
     await multi.error("not_joined")
 
 
-async def test_seed_style_send_without_room(
-    nats_server: NatsServer, services: ServiceFactory, room: str
-) -> None:
-    g = services("gateway", nats_server)
+async def test_seed_style_send_without_room(shared_stack: Stack, room: str) -> None:
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "seed")
     await c.send("chat.message", text="nowhere")
     await c.error("room_required")
@@ -119,14 +113,12 @@ async def test_seed_style_send_without_room(
     assert "2 rooms" in err["data"]["message"]
 
 
-async def test_hand_published_bus_message_reaches_clients(
-    nats_server: NatsServer, services: ServiceFactory, room: str
-) -> None:
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+async def test_hand_published_bus_message_reaches_clients(shared_stack: Stack, room: str) -> None:
+    g1, g2 = shared_stack.gateways
     a, b = await Client.open(g1.ws_url, "a"), await Client.open(g2.ws_url, "b")
     await a.join(room)
     await b.join(room)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(shared_stack.nats.url)
     await nc.publish(f"room.{room}.message", b'{"user":"ops","text":"hi from ops"}')
     await nc.flush()
     for c in (a, b):
@@ -191,9 +183,10 @@ def _raw_ws_that_never_reads(port: int, room: str) -> socket.socket:
 
 
 async def test_client_that_never_reads_does_not_delay_the_others(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
-    g = services("gateway", nats_server, SEND_QUEUE=200, SLOW_CLIENT_TIMEOUT=1)
+    nats_server = shared_stack.nats  # the shared history service; the gateway is the test's own
+    g = services("gateway", nats_server, history=False, SEND_QUEUE=200, SLOW_CLIENT_TIMEOUT=1)
     sloth = _raw_ws_that_never_reads(g.port, room)
     honest = await Client.open(g.ws_url, "honest")
     await honest.join(room)
@@ -255,9 +248,10 @@ connection wait; the old phases added up to ~2.25x the timeout)."""
 
 
 async def test_sigterm_ends_sse_first_closes_websockets_with_1012_and_exits_0_in_time(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
-    g = services("gateway", nats_server, SHUTDOWN_TIMEOUT=SHUTDOWN_TIMEOUT)
+    # A gateway of its own (it is stopped) beside the shared history service.
+    g = services("gateway", shared_stack.nats, history=False, SHUTDOWN_TIMEOUT=SHUTDOWN_TIMEOUT)
     c = await Client.open(g.ws_url, "c")
     await c.join(room)
     joined = asyncio.Event()
@@ -290,11 +284,11 @@ async def test_sigterm_ends_sse_first_closes_websockets_with_1012_and_exits_0_in
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null"])
 async def test_cross_site_origin_is_refused_before_upgrade(
-    nats_server: NatsServer, services: ServiceFactory, origin: str
+    shared_stack: Stack, origin: str
 ) -> None:
     from websockets.exceptions import InvalidStatus
 
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     with pytest.raises(InvalidStatus) as info:
         await Client.open(g.ws_url, "x", origin=origin)
     assert info.value.response.status_code == 403

@@ -11,7 +11,7 @@ import nats
 import pytest
 
 from proto.ids import is_id
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, Stack
 from tests.support.client import Client
 from tests.support.procs import NatsServer, wait_for
 from tests.support.stored import stored_messages
@@ -45,13 +45,13 @@ def assert_one_order(c: Client, room: str, start: int, stored: list[dict[str, ob
 
 
 async def test_sender_is_acked_only_once_the_message_is_stored(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "alice")
     await c.join(room)
     acked = await send_and_ack(c, room, ["one", "two", "three"])
-    stored = await stored_messages(nats_server.url, room)
+    stored = await stored_messages(shared_stack.nats.url, room)
     assert [m["text"] for m in stored] == ["one", "two", "three"]
     assert {m["id"] for m in stored} == {a["id"] for a in acked.values()}
     assert {m["seq"] for m in stored} == {a["seq"] for a in acked.values()}
@@ -80,10 +80,9 @@ async def test_without_history_service_a_send_is_refused_within_a_second(
 
 
 async def test_resend_with_same_client_id_through_another_gateway_is_stored_once(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    services("history", nats_server)
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+    g1, g2 = shared_stack.gateways
     watcher = await Client.open(g2.ws_url, "watcher")
     await watcher.join(room)
     first = await Client.open(g1.ws_url, "alice")
@@ -100,14 +99,12 @@ async def test_resend_with_same_client_id_through_another_gateway_is_stored_once
     await again.send("chat.message", room=room, text="marker")
     await watcher.wait_texts(["marker"])
     assert watcher.texts() == ["once", "marker"]
-    stored = await stored_messages(nats_server.url, room)
+    stored = await stored_messages(shared_stack.nats.url, room)
     assert [m["text"] for m in stored] == ["once", "marker"]
 
 
-async def test_history_pages_backwards_from_the_newest(
-    nats_server: NatsServer, services: ServiceFactory, room: str
-) -> None:
-    g = services("gateway", nats_server)
+async def test_history_pages_backwards_from_the_newest(shared_stack: Stack, room: str) -> None:
+    g = shared_stack.gateway
     other = await Client.open(g.ws_url, "noise")
     await other.join(room + "x")
     c = await Client.open(g.ws_url, "pager")
@@ -131,9 +128,9 @@ async def test_history_pages_backwards_from_the_newest(
 
 
 async def test_rejoin_with_since_replays_exactly_the_missed_messages_then_live(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    g1, g2 = services("gateway", nats_server), services("gateway", nats_server)
+    g1, g2 = shared_stack.gateways
     sender = await Client.open(g1.ws_url, "sender")
     await sender.join(room)
     away = await Client.open(g2.ws_url, "away")
@@ -152,13 +149,13 @@ async def test_rejoin_with_since_replays_exactly_the_missed_messages_then_live(
     await sender.send("chat.message", room=room, text="live again")
     await back.wait_texts(["live again"])
     assert back.texts() == [*missed, "live again"]
-    assert_one_order(back, room, last_seen, await stored_messages(nats_server.url, room))
+    assert_one_order(back, room, last_seen, await stored_messages(shared_stack.nats.url, room))
 
 
 async def test_replay_merges_with_live_messages_sent_meanwhile(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
-    g = services("gateway", nats_server, REPLAY_BUFFER=100)
+    g = services("gateway", shared_stack.nats, history=False, REPLAY_BUFFER=100)
     sender = await Client.open(g.ws_url, "sender")
     await sender.join(room)
     since = next(iter((await send_and_ack(sender, room, ["first"])).values()))["seq"]
@@ -176,18 +173,19 @@ async def test_replay_merges_with_live_messages_sent_meanwhile(
     assert len(got) == len(set(got)) == 1800
     assert got[:1500] == [f"old {i}" for i in range(1500)]
     assert [t for t in got if t.startswith("live")] == live
-    assert_one_order(back, room, int(str(since)), await stored_messages(nats_server.url, room))
+    stored = await stored_messages(shared_stack.nats.url, room)
+    assert_one_order(back, room, int(str(since)), stored)
 
 
 async def test_ids_out_of_order_do_not_change_the_order_or_the_replay(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
     """The ULID counter-example: B stored after A with an id that sorts lower. Ids from the
     bus are not kept (roombus makes them) and cursors are sequences: `since=A` gives B."""
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "c")
     await c.join(room)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(shared_stack.nats.url)
     try:
         for text, forged in (
             ("A", "7ZZZZZZZZZZZZZZZZZZZZZZZZZ"),
@@ -222,13 +220,9 @@ async def test_ids_out_of_order_do_not_change_the_order_or_the_replay(
     ],
 )
 async def test_bad_history_input_gets_a_clear_error(
-    nats_server: NatsServer,
-    services: ServiceFactory,
-    room: str,
-    frame: dict[str, object],
-    code: str,
+    shared_stack: Stack, room: str, frame: dict[str, object], code: str
 ) -> None:
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "x")
     await c.join(room)
     raw = json.dumps(frame).replace("OTHER", room + "z").replace("ROOM", room)
@@ -239,9 +233,9 @@ async def test_bad_history_input_gets_a_clear_error(
 
 
 async def test_since_beyond_the_stream_or_from_another_epoch_is_not_recovered(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, room: str
 ) -> None:
-    g = services("gateway", nats_server)
+    g = shared_stack.gateway
     c = await Client.open(g.ws_url, "c")
     joined = await c.join(room)
     await send_and_ack(c, room, ["x"])
@@ -281,9 +275,9 @@ async def test_since_older_than_retention_is_not_recovered_and_says_expired(
 
 
 async def test_more_missed_than_replay_max_is_not_recovered_with_the_count(
-    nats_server: NatsServer, services: ServiceFactory, room: str
+    shared_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
-    g = services("gateway", nats_server, REPLAY_MAX=10)
+    g = services("gateway", shared_stack.nats, history=False, REPLAY_MAX=10)
     c = await Client.open(g.ws_url, "c")
     joined = await c.join(room)
     await send_and_ack(c, room, [f"m{i}" for i in range(25)])

@@ -10,7 +10,6 @@ import asyncio
 import uuid
 from typing import Any
 
-import httpx
 import nats
 import pytest
 from nats.js.errors import NotFoundError
@@ -20,7 +19,7 @@ from tests.conftest import ServiceFactory
 from tests.integration.test_bridge import redis_cli, redis_room, start_bridges
 from tests.integration.test_history import assert_one_order, send_and_ack
 from tests.support.client import Client
-from tests.support.procs import NatsServer, RedisServer, ServiceProc, until, wait_for
+from tests.support.procs import NatsServer, RedisServer, ServiceProc, http_get, until, wait_for
 from tests.support.stored import stored_messages
 
 SHARDS = 3
@@ -49,7 +48,7 @@ def epoch_of(info: Any) -> str:
 
 
 def readyz(proc: ServiceProc) -> tuple[int, dict[str, Any]]:
-    resp = httpx.get(f"{proc.http}/readyz", timeout=2)
+    resp = http_get(f"{proc.http}/readyz", 2)
     body: dict[str, Any] = resp.json()
     return resp.status_code, body
 

@@ -141,5 +141,10 @@ async def open_when_up(url: str, user: str, timeout: float = 30.0) -> Client:
 
 
 async def close_all() -> None:
-    for client in list(OPEN):
-        await client.close()
+    """Close every client a test left open (its teardown), side by side. A close the gateway
+    does not answer within a second (it is still reading a flood queued before it) gives up
+    on the handshake and drops the connection, instead of waiting the default 10 s."""
+    clients = list(OPEN)
+    for client in clients:
+        client.ws.close_timeout = 1
+    await asyncio.gather(*(client.close() for client in clients))

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -26,10 +27,21 @@ __all__ = [
     "RedisServer",
     "ServiceProc",
     "free_port",
+    "http_get",
     "port_free",
     "until",
     "wait_for",
 ]
+
+
+_TLS = ssl.create_default_context()
+"""Given to every probe: ``httpx.get`` would otherwise build a context, loading the CA bundle
+(~18 ms of CPU), per call, though the services speak plain HTTP. Probes poll every 50 ms."""
+
+
+def http_get(url: str, timeout: float) -> httpx.Response:
+    """``httpx.get`` for the probes of the test processes (``/readyz``, ``/metrics``)."""
+    return httpx.get(url, timeout=timeout, verify=_TLS)
 
 
 def ensure_redis_server() -> str:
@@ -117,11 +129,37 @@ class RedisServer:
             self.proc.wait()
 
 
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on ``port``; ``None`` where ``/proc``
+    cannot tell (not Linux, or the process is gone)."""
+    try:
+        held = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                held.add(target[len("socket:[") : -1])
+    except OSError:
+        return None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()  # sl local_address rem_address st ... inode
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] in held:
+                return True
+    return False
+
+
 def scrape_metric(http: str, name: str, labels: str = "", timeout: float = 5) -> float:
     """Sum of the samples of ``name`` (those whose labels contain ``labels``) in the
     Prometheus text a service serves at ``<http>/metrics``."""
     total = 0.0
-    for line in httpx.get(f"{http}/metrics", timeout=timeout).text.splitlines():
+    for line in http_get(f"{http}/metrics", timeout).text.splitlines():
         if line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
@@ -142,6 +180,8 @@ class ServiceProc:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    _own_port: bool = field(default=False, init=False, repr=False)
+    """The port was picked by ``start``: another may be picked if someone takes it first."""
 
     @property
     def http(self) -> str:
@@ -152,8 +192,15 @@ class ServiceProc:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> ServiceProc:
+        self._own_port = not self.port
         if not self.port:
             self.port = free_port()
+        self._spawn()
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def _spawn(self) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.logdir / f"{self.service}-{self.port}.log"
         logf = self.log_path.open("ab")
@@ -167,19 +214,26 @@ class ServiceProc:
             stderr=subprocess.STDOUT,
         )
         logf.close()
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
 
     def ready(self) -> bool:
+        """``/readyz`` answers 200, and from this process: ``free_port`` gives a port that was
+        free a moment ago, and until this service binds it (after its imports, seconds on a
+        loaded machine) another process of a parallel run may take it."""
         try:
-            return httpx.get(f"{self.http}/readyz", timeout=1).status_code == 200
+            if http_get(f"{self.http}/readyz", 1).status_code != 200:
+                return False
         except httpx.HTTPError:
             return False
+        return self.proc is None or listens_on(self.proc.pid, self.port) is not False
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         def check() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
+                if self._own_port and "address already in use" in self.log():
+                    # Its port was taken before it could bind it: the same, on another.
+                    self.port = free_port()
+                    self._spawn()
+                    return False
                 raise AssertionError(f"{self.service} exited early:\n{self.log()}")
             return self.ready()
 
