@@ -43,13 +43,14 @@ up: $(STAMP) ## run nats-server + the services locally (no Docker); Ctrl-C stops
 	$(BIN)/roombus up
 
 # Tests run in parallel (pytest-xdist): each worker has its own brokers and services on free
-# ports, and most of a test's time is waiting on them, so 3 workers fit 2 cores.
+# ports (the tests that need only the default services share one set per worker: Stack in
+# tests/conftest.py), and much of a test's time is waiting on them, so 3 workers fit 2 cores.
 TEST_WORKERS ?= 3
 
 test: $(STAMP) lint ## lint, type-check and run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
-test-fast: $(STAMP) ## the suite without the slow fault tests
+test-fast: $(STAMP) ## the suite without the slow tests (fault injection, the compose check)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m 'not slow'
 
 lint: $(STAMP) ## ruff + mypy
