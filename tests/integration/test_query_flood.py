@@ -94,7 +94,10 @@ async def test_a_query_flood_does_not_deny_history_to_others(
         f" {p * 1000:.1f} ms during a flood of 20"
         f" connections ({answered} flood queries answered, {limited} refused)"
     )
-    # 2x the quiet p99, plus 100 ms: the flooders' 2,000 frames/s, both replicas, NATS and
-    # this test share the machine's 2 cores, and a p99 of 100 samples moves by that much on
-    # its own when other work runs beside the suite. Denial would be seconds (timeouts).
-    assert p < 2 * q + 0.1
+    # Denial is what this guards against: the honest client's queries queued behind the
+    # flood until they time out (REQUEST_TIMEOUT, 2 s: `error unavailable`, asserted above)
+    # or nearly. Not a latency figure: the flooders' 2,000 frames/s, both replicas, NATS and
+    # this test share the machine's 2 cores, and with other work beside the suite the
+    # flooded p99 was 11-82 ms quiet but 168 ms with a load average of 11 (2x the quiet p99
+    # + 100 ms failed there). Half the request timeout still tells denial from load.
+    assert p < 1.0, f"history pages took up to {p:.2f} s during the flood"
