@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -128,17 +127,6 @@ class Hub:
                 inbox = subjects.inbox(conn.user)
                 self.feeds.open(inbox, conn.user, inbox, inbox_frame)
         metrics.CONNECTIONS.set(len(self.conns))
-
-    async def inbox_ready(self, conn: Conn, within: float) -> None:
-        """Wait (at most ``within`` seconds) until ``conn``'s inbox feed knows its position.
-        A transport says hello after this: a DM stored after the client was told it is
-        connected is then after the feed's start, and delivered (a feed still reading its
-        start would take the stream's end, that DM included, as already seen)."""
-        feed = self.feeds.feeds.get(subjects.inbox(conn.user)) if self.feeds else None
-        if feed is not None and not feed.ready.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(within):
-                    await feed.ready.wait()
 
     def remove(self, conn: Conn) -> list[str]:
         """Forget ``conn`` everywhere; returns the rooms it was in."""

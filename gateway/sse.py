@@ -278,7 +278,6 @@ async def _join_all(gw: Gateway, session: Session, rooms: list[str], last: dict[
     """Join each room (``joined`` frames as events), replaying from ``Last-Event-ID``."""
     conn = session.conn
     assert isinstance(conn, SseConn)
-    await gw.hub.inbox_ready(conn, gw.settings.request_timeout)  # DMs from here on arrive
     for room in rooms:
         if gw.settings.is_ephemeral(room):
             gw.hub.join(conn, room)
