@@ -13,9 +13,11 @@ deliver into the same hub callbacks. What keeps delivery exact:
   live and what was stored before is in the read (anything else is a ``prev`` gap the feed
   heals).
 - A switch subscribes the new way first and flushes (from then on every message comes both
-  ways), lets the old subscriptions hand what they already received to the callbacks, and
-  only then drops them. The overlap repeats messages: stored ones are dropped by their ``seq``
-  (the feed's check), presence events by their bytes while the switch lasts.
+  ways), keeps both a moment longer (``SWITCH_OVERLAP``: a message the server matched
+  against the old subscriptions alone just before can still be on its way), lets the old
+  subscriptions hand what they received to the callbacks, and only then drops them. The
+  overlap repeats messages: stored ones are dropped by their ``seq`` (the feed's check),
+  presence events by their bytes while the switch lasts.
 - A room's own subscriptions outlive its last local member by ``SUBSCRIBE_LINGER`` seconds, so
   join/leave churn does not subscribe and unsubscribe again and again.
 """
@@ -45,7 +47,11 @@ PENDING_MSGS = 100_000
 PENDING_BYTES = 64 * 1024 * 1024
 """Pending limits of every subscription: what a stalled event loop can queue up in the client."""
 FLUSH_TIMEOUT = 5
-"""Seconds a switch waits for the server's PONG before it tries again (NATS is away)."""
+"""Seconds a switch waits for its flush to come back before it tries again (NATS is away)."""
+SWITCH_OVERLAP = 0.25
+"""Seconds a switch keeps both ways once the server has the new subscriptions: a message
+the server matched against the old ones alone just before can still reach us after the
+flush (a publisher's routing races our SUB); it comes the old way within this."""
 SEEN_MAX = 100_000
 """Presence events remembered while a switch delivers them both ways."""
 
@@ -263,11 +269,14 @@ class Interest:
                 await self._changed.wait()
             new = [s for own in self.rooms.values() for s in own.subs]
             old = list(self._wild)
-        # The PONG comes after every message the server sent before it had the new
-        # subscriptions: those came only the old way, and are in its queues now.
+        # The flush comes back after every message the server sent before it had the new
+        # subscriptions (those came only the old way, and are in its queues now) — but for
+        # one that a publisher's routing matched just before and sends just after: the
+        # overlap waits for it.
         if not await self._flush():
             await asyncio.sleep(0.5)
             return False
+        await asyncio.sleep(SWITCH_OVERLAP)
         await self._taken_in(old)
         if self.mode != mode:
             return False
@@ -279,7 +288,7 @@ class Interest:
             old, self._wild, self._wild_sent = self._wild, [], False
         metrics.ROOM_SUBSCRIPTIONS.set(len(self.rooms))
         await _unsubscribe(old)
-        # The presence copies of what the old way delivered: in the new queues by the PONG;
+        # The presence copies of what the old way delivered: in the new queues by the flush;
         # once they are taken in, nothing comes twice any more.
         await self._flush()
         await self._taken_in(new)

@@ -13,6 +13,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, FlushTimeoutError
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
@@ -68,6 +69,53 @@ class CoreNats(Protocol):
     ) -> Subscription: ...
 
     async def flush(self, timeout: int = ...) -> None: ...  # noqa: ASYNC109
+
+
+class Nats(NATS):
+    """nats-py's client, with a :meth:`flush` that comes after everything sent before it.
+
+    nats-py (2.16) writes ``flush()``'s PING straight to the socket, ahead of the commands
+    still in its write buffer — a SUB or PUB made a moment ago: the PONG can come back before
+    the server has them. Code here relies on that order ("once flushed, the server has the
+    new subscription, and everything it sent before it is in the old one's queue": the
+    ``SUBSCRIBE=auto`` switch, readiness after subscribing). So :meth:`flush` sends a message
+    to a subscription of its own instead: it travels the same buffer as every earlier command,
+    the server routes it after them, and it comes back after every message the server sent
+    this connection before it. (While the connection drains, nats-py's own flush: the
+    subscription it comes back on is being drained too.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._barrier: Subscription | None = None
+        self._barrier_subject = ""
+        self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self._barrier_n = 0
+
+    async def flush(self, timeout: float = 10) -> None:  # noqa: ASYNC109 - nats-py's signature
+        if self.is_closed:
+            raise ConnectionClosedError
+        if not self.is_connected:  # draining (nats-py flushes as it drains), reconnecting
+            await super().flush(timeout)  # type: ignore[arg-type]
+            return
+        if self._barrier is None:
+            self._barrier_subject = self.new_inbox()
+            self._barrier = await self.subscribe(self._barrier_subject, cb=self._barrier_back)
+        self._barrier_n += 1
+        token = str(self._barrier_n).encode()
+        back = self._barriers[token] = asyncio.get_running_loop().create_future()
+        try:
+            await self.publish(self._barrier_subject, token)
+            await asyncio.wait_for(back, timeout)
+        except TimeoutError:
+            raise FlushTimeoutError from None
+        finally:
+            self._barriers.pop(token, None)
+
+    async def _barrier_back(self, msg: Msg) -> None:
+        back = self._barriers.get(msg.data)
+        if back is not None and not back.done():
+            back.set_result(None)
 
 
 @dataclass
@@ -139,7 +187,7 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
     attempt = 0
     backoff = Backoff(settings.nats_reconnect_wait, 2.0)
     while True:
-        nc = NATS()
+        nc = Nats()
         try:
             await nc.connect(
                 servers=settings.nats_servers,
@@ -172,4 +220,4 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
     return Bus(nc=nc, js=nc.jetstream(), settings=settings, on_reconnect=hooks)
 
 
-__all__ = ["Bus", "CoreNats", "connect", "nats"]
+__all__ = ["Bus", "CoreNats", "Nats", "connect", "nats"]

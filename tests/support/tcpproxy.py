@@ -21,6 +21,8 @@ class TcpProxy:
         self.cut_off = False
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self.sent = bytearray()
+        """Every byte the clients sent through the proxy, in the order forwarded."""
 
     @property
     def url(self) -> str:
@@ -41,16 +43,20 @@ class TcpProxy:
             return
         self._open |= {writer, up_w}
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray | None
+        ) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
                     await self._flowing.wait()
+                    if record is not None:
+                        record += data
                     dst.write(data)
                     await dst.drain()
             with contextlib.suppress(Exception):
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+        await asyncio.gather(pump(reader, up_w, self.sent), pump(up_r, writer, None))
         self._open -= {writer, up_w}
 
     def cut(self) -> None:
