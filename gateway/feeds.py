@@ -85,6 +85,8 @@ class Feed:
         "task",
         "reader",
         "source",
+        "opened_live",
+        "provisional",
     )
 
     def __init__(
@@ -94,6 +96,7 @@ class Feed:
         frame: Callable[[bytes, int, int, str], bytes],
         reader: Reader,
         source: str,
+        opened_live: bool = False,
     ) -> None:
         self.name = name
         """The room (or user) this feed serves."""
@@ -113,6 +116,15 @@ class Feed:
         self.source = source
         """The subject it reads there (``subject`` is the republished one less ``stored.``;
         the same with one history stream)."""
+        self.opened_live = opened_live
+        """Everything whose live copy arrives after the feed opened is delivered (a user's
+        inbox: the client was told ``hello`` when it opened, and has no position of its
+        own). A room's feed starts where its read says (``joined`` tells the client)."""
+        self.provisional = opened_live
+        """Nothing delivered yet, and the start may still move back: the read of the stream's
+        end (the start) can come after a message stored since the feed opened, whose live
+        copy then comes after the read. The first live copy that the start already covers
+        moves the start back to just before it."""
 
 
 class Feeds:
@@ -142,15 +154,21 @@ class Feeds:
 
     # -- lifecycle --------------------------------------------------------------------
     def open(
-        self, key: str, name: str, subject: str, frame: Callable[[bytes, int, int, str], bytes]
+        self,
+        key: str,
+        name: str,
+        subject: str,
+        frame: Callable[[bytes, int, int, str], bytes],
+        opened_live: bool = False,
     ) -> Feed:
-        """The feed ``key``, started (its position read from the stream) when new."""
+        """The feed ``key``, started (its position read from the stream) when new;
+        ``opened_live``: see :attr:`Feed.opened_live`."""
         feed = self.feeds.get(key)
         if feed is None:
             reader, source = (
                 self.route(subject) if self.route is not None else (self.reader, subject)
             )
-            feed = self.feeds[key] = Feed(name, subject, frame, reader, source)
+            feed = self.feeds[key] = Feed(name, subject, frame, reader, source, opened_live)
             self._heal(feed)
         return feed
 
@@ -177,6 +195,7 @@ class Feeds:
                 feed.task.cancel()
             feed.last, feed.busy, feed.held, feed.overflow = None, True, [], False
             feed.held_bytes = 0
+            feed.provisional = feed.opened_live
             feed.ready = asyncio.Event()
             self._heal(feed)
         return feeds
@@ -201,8 +220,10 @@ class Feeds:
             return
         assert feed.last is not None
         if seq <= feed.last:
-            metrics.DUPLICATES.inc()  # healed already, its live copy came late
-            return
+            if not feed.provisional:
+                metrics.DUPLICATES.inc()  # healed already, its live copy came late
+                return
+            feed.last = prev  # stored after the feed opened, before its start was read
         if prev <= feed.last:
             self._emit(feed, seq, prev, data)
             return
@@ -213,6 +234,7 @@ class Feeds:
 
     def _emit(self, feed: Feed, seq: int, prev: int, data: bytes) -> None:
         feed.last = seq
+        feed.provisional = False
         try:
             frame = feed.frame(data, seq, prev, feed.name)
         except ValueError as exc:
@@ -291,6 +313,8 @@ class Feeds:
             if feed.overflow:
                 feed.overflow = False
                 continue
+            if feed.provisional and feed.held:  # the first live copy: the start moves back
+                feed.last = min(feed.last, min(feed.held)[1])
             # The first held message links to one the read did not return: the replica that
             # answered is behind (or the message came after the read), unless the stream's
             # leader says it is gone (expired): then go on from what is there.

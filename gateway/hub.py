@@ -125,7 +125,7 @@ class Hub:
             mine.add(conn)
             if len(mine) == 1 and self.feeds is not None:
                 inbox = subjects.inbox(conn.user)
-                self.feeds.open(inbox, conn.user, inbox, inbox_frame)
+                self.feeds.open(inbox, conn.user, inbox, inbox_frame, opened_live=True)
         metrics.CONNECTIONS.set(len(self.conns))
 
     def remove(self, conn: Conn) -> list[str]:

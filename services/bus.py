@@ -81,7 +81,7 @@ class Nats(NATS):
     ``SUBSCRIBE=auto`` switch, readiness after subscribing). So :meth:`flush` sends a message
     to a subscription of its own instead: it travels the same buffer as every earlier command,
     the server routes it after them, and it comes back after every message the server sent
-    this connection before it. (While the connection drains, nats-py's own flush: the
+    this connection before it. (Once the connection drains, nats-py's own flush: the
     subscription it comes back on is being drained too.)
     """
 
@@ -91,11 +91,18 @@ class Nats(NATS):
         self._barrier_subject = ""
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
         self._barrier_n = 0
+        self._draining = False
+
+    async def drain(self) -> None:
+        # nats-py's drain unsubscribes every subscription — the barrier's too — and flushes
+        # as it goes (before it says it is draining): its own flush from here on.
+        self._draining = True
+        await super().drain()
 
     async def flush(self, timeout: float = 10) -> None:  # noqa: ASYNC109 - nats-py's signature
         if self.is_closed:
             raise ConnectionClosedError
-        if not self.is_connected:  # draining (nats-py flushes as it drains), reconnecting
+        if self._draining or not self.is_connected:  # draining, reconnecting
             await super().flush(timeout)  # type: ignore[arg-type]
             return
         if self._barrier is None:

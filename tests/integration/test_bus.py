@@ -105,3 +105,26 @@ async def test_after_flush_the_new_subscription_takes_every_later_message(
     finally:
         await nc.close()
         await pub.close()
+
+
+async def test_a_connection_that_flushed_drains_without_waiting_on_its_own_flush(
+    nats_server: NatsServer,
+) -> None:
+    """nats-py's drain unsubscribes every subscription and flushes as it goes: a flush that
+    waited for its message on a subscription being drained would hold every drain (and each
+    service's shutdown) for the whole flush timeout."""
+    nc = Nats()
+    await nc.connect(nats_server.url)
+
+    async def nothing(_msg: Msg) -> None:
+        pass
+
+    for i in range(3):
+        await nc.subscribe(f"drain.{i}", cb=nothing)
+    await nc.flush(5)  # the flush's own subscription exists from here on
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await nc.drain()
+    took = loop.time() - start
+    assert nc.is_closed
+    assert took < 5, f"drain took {took:.1f} s (the flush timeout is 10)"

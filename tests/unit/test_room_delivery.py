@@ -395,3 +395,83 @@ async def test_a_recreated_stream_restarts_every_room_and_says_so() -> None:
     }
     g.say("after")  # sequences restart at 1: delivered, not taken for a duplicate
     await soon(lambda: a.texts()[-1:] == ["after"], "the first message of the new stream")
+
+
+# -- a user's inbox: everything stored after the client was told hello -----------------
+
+
+def _store_dm(g: Gw, to: str, text: str) -> Published:
+    dm = {"id": new_id(), "from": "alice", "to": to, "text": text, "ts": _now()}
+    return g.stream.publish(subjects.inbox(to), orjson.dumps(dm))
+
+
+def _dms(c: Client) -> list[dict[str, Any]]:
+    return [f["data"] for f in c.frames if f["type"] == "dm"]
+
+
+def _inbox_copy(g: Gw, p: Published) -> None:
+    g.hub._stored(_msg(p), "user_message")
+
+
+async def _connected(g: Gw, user: str) -> tuple[Client, Any]:
+    """A client whose connection was just added (the gateway says hello right after)."""
+    c = Client(user)
+    g.hub.add(c.conn)
+    assert g.feeds is not None
+    return c, g.feeds.feeds[subjects.inbox(user)]
+
+
+async def test_a_dm_stored_while_the_inbox_reads_its_start_arrives_once_when_its_copy_is_late() -> (
+    None
+):
+    g = Gw()
+    g.feeds.recheck = 0
+    _store_dm(g, "bob", "before")  # stored (and republished) before bob connected
+    bob, feed = await _connected(g, "bob")
+    p = _store_dm(g, "bob", "psst")  # after hello, before the feed's read: in its start
+    await asyncio.wait_for(feed.ready.wait(), WAIT)
+    assert feed.last == p.seq
+    _inbox_copy(g, p)  # the live copy comes after the read
+    await soon(lambda: [d["text"] for d in _dms(bob)] == ["psst"], "the DM")
+    q = _store_dm(g, "bob", "next")
+    _inbox_copy(g, q)
+    _inbox_copy(g, p)  # a late repeat is a repeat
+    await soon(lambda: len(_dms(bob)) == 2, "the next DM")
+    await _settle()
+    assert [(d["text"], d["prev"]) for d in _dms(bob)] == [("psst", p.prev), ("next", p.seq)]
+
+
+async def test_a_dm_whose_copy_is_held_while_the_inbox_reads_its_start_arrives_once() -> None:
+    g = Gw()
+    g.feeds.recheck = 0
+    g.stream.pause()
+    bob, feed = await _connected(g, "bob")
+    ps = [_store_dm(g, "bob", f"d{i}") for i in range(3)]  # in the start the read answers
+    await _settle()  # the read is asked (and waits)
+    for p in ps:
+        _inbox_copy(g, p)  # held while the read waits
+    g.stream.resume()
+    await asyncio.wait_for(feed.ready.wait(), WAIT)
+    await soon(lambda: len(_dms(bob)) == 3, "every DM")
+    await _settle()
+    assert [d["text"] for d in _dms(bob)] == ["d0", "d1", "d2"]
+    assert [d["prev"] for d in _dms(bob)] == [0, ps[0].seq, ps[1].seq]
+
+
+async def test_a_room_feed_still_drops_a_late_copy_its_start_covers() -> None:
+    """A room's members are told its start (``joined``): a message at or before it is not
+    theirs to get live (only an inbox's start moves back)."""
+    g = Gw()
+    g.feeds.recheck = 0
+    a = Client("a")
+    g.hub.add(a.conn)
+    g.hub.join(a.conn, ROOM)
+    p = g.store("covered")  # before the feed's read: in its start
+    feed = g.hub.room_feed(ROOM)
+    assert feed is not None
+    await asyncio.wait_for(feed.ready.wait(), WAIT)
+    assert feed.last == p.seq
+    dups = _count("roombus_gateway_duplicates_total")
+    g.republish(p)
+    await _settle()
+    assert a.texts() == [] and _count("roombus_gateway_duplicates_total") == dups + 1
