@@ -475,6 +475,7 @@ async def test_page_behind_a_load_balancer_fails_over_to_another_gateway_and_rep
         await ctx.close()
 
 
+@pytest.mark.slow  # waits out the idle timeout
 async def test_a_reading_only_page_outlives_the_gateway_idle_timeout(
     shared_stack: Stack, services: ServiceFactory, browser: Browser, room: str
 ) -> None:

@@ -120,7 +120,15 @@ async def test_expired_token_is_refreshed_through_the_provider(
     shared_stack: Stack, services: ServiceFactory, room: str
 ) -> None:
     secret = "client-test-secret-0123456789abcdef"
-    g = services("gateway", shared_stack.nats, history=False, ROOMBUS_AUTH="jwt", JWT_SECRET=secret)
+    # No leeway: a token expires at its exp (the default 5 s would add 10 s to the test).
+    g = services(
+        "gateway",
+        shared_stack.nats,
+        history=False,
+        ROOMBUS_AUTH="jwt",
+        JWT_SECRET=secret,
+        JWT_LEEWAY=0,
+    )
     calls: list[float] = []
 
     def fresh() -> str:

@@ -331,6 +331,7 @@ async def exits_saying(proc: ServiceProc, text: str) -> None:
     assert text in proc.log(), proc.log()
 
 
+@pytest.mark.slow  # two generations of services on a 3-node cluster
 async def test_raising_replicas_on_existing_stream_and_buckets_updates_them_in_place(
     nats_cluster: NatsCluster, services: ServiceFactory, room: str
 ) -> None:

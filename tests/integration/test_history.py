@@ -287,6 +287,7 @@ async def test_more_missed_than_replay_max_is_not_recovered_with_the_count(
     assert (answer["recovered"], answer["reason"], answer["missed"]) == (False, "too_many", 25)
 
 
+@pytest.mark.slow  # deletes and recreates the stream under a running gateway
 async def test_a_recreated_stream_is_a_new_epoch(
     fresh_nats: NatsServer, services: ServiceFactory, room: str
 ) -> None:

@@ -93,6 +93,7 @@ async def test_two_tabs_of_one_user_are_one_member(shared_presence_stack: Stack,
     assert events(watcher, room, "join") == [("carol", 2)]
 
 
+@pytest.mark.slow  # kill -9, then waits out the TTL
 async def test_users_of_a_killed_gateway_leave_within_the_ttl(
     nats_server: NatsServer, services: ServiceFactory, room: str
 ) -> None:
