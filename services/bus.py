@@ -88,7 +88,6 @@ class Nats(NATS):
     def __init__(self) -> None:
         super().__init__()
         self._barrier: Subscription | None = None
-        self._barrier_subject = ""
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
         self._barrier_n = 0
         self._draining = False
@@ -106,13 +105,12 @@ class Nats(NATS):
             await super().flush(timeout)  # type: ignore[arg-type]
             return
         if self._barrier is None:
-            self._barrier_subject = self.new_inbox()
-            self._barrier = await self.subscribe(self._barrier_subject, cb=self._barrier_back)
+            self._barrier = await self.subscribe(self.new_inbox(), cb=self._barrier_back)
         self._barrier_n += 1
         token = str(self._barrier_n).encode()
         back = self._barriers[token] = asyncio.get_running_loop().create_future()
         try:
-            await self.publish(self._barrier_subject, token)
+            await self.publish(self._barrier.subject, token)
             await asyncio.wait_for(back, timeout)
         except TimeoutError:
             raise FlushTimeoutError from None

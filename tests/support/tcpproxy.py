@@ -13,7 +13,7 @@ class TcpProxy:
     refuses new ones until :meth:`restore`; :meth:`pause` holds every byte (both ways, no
     close: a silent network) until :meth:`resume`."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, record: bool = False) -> None:
         self.target_port = target_port
         self.port = free_port()
         self._server: asyncio.Server | None = None
@@ -21,8 +21,8 @@ class TcpProxy:
         self.cut_off = False
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self.sent = bytearray()
-        """Every byte the clients sent through the proxy, in the order forwarded."""
+        self.sent: bytearray | None = bytearray() if record else None
+        """With ``record``: every byte the clients sent through the proxy, in order."""
 
     @property
     def url(self) -> str:

@@ -413,7 +413,7 @@ def _inbox_copy(g: Gw, p: Published) -> None:
     g.hub._stored(_msg(p), "user_message")
 
 
-async def _connected(g: Gw, user: str) -> tuple[Client, Any]:
+def _connected(g: Gw, user: str) -> tuple[Client, Any]:
     """A client whose connection was just added (the gateway says hello right after)."""
     c = Client(user)
     g.hub.add(c.conn)
@@ -427,7 +427,7 @@ async def test_a_dm_stored_while_the_inbox_reads_its_start_arrives_once_when_its
     g = Gw()
     g.feeds.recheck = 0
     _store_dm(g, "bob", "before")  # stored (and republished) before bob connected
-    bob, feed = await _connected(g, "bob")
+    bob, feed = _connected(g, "bob")
     p = _store_dm(g, "bob", "psst")  # after hello, before the feed's read: in its start
     await asyncio.wait_for(feed.ready.wait(), WAIT)
     assert feed.last == p.seq
@@ -445,7 +445,7 @@ async def test_a_dm_whose_copy_is_held_while_the_inbox_reads_its_start_arrives_o
     g = Gw()
     g.feeds.recheck = 0
     g.stream.pause()
-    bob, feed = await _connected(g, "bob")
+    bob, feed = _connected(g, "bob")
     ps = [_store_dm(g, "bob", f"d{i}") for i in range(3)]  # in the start the read answers
     await _settle()  # the read is asked (and waits)
     for p in ps:
